@@ -1,0 +1,212 @@
+"""Plain-PyTorch references of every public op.
+
+These are the definitions the Triton kernels are tested against (and the ``backend="torch"``
+implementation). They are differentiable through ordinary autograd and checked by
+``torch.autograd.gradcheck`` in float64. Inputs are assumed validated by the public wrappers;
+math happens in float32 (or float64 when the inputs are float64).
+
+Conventions
+-----------
+shifted_mse
+    student (B, Hs, Ws, C), target (B, Ht, Wt, C), shift (B, 2) integer (dy, dx).
+    Student cell (i, j) is compared with target cell (i + dy, j + dx); Omega_b is the set of
+    cells valid in both grids::
+
+        loss = sum_b sum_{(i,j) in Omega_b} ||s_bij - t_b,i+dy,j+dx||^2 / (C * sum_b |Omega_b|)
+
+    and exactly 0 (zero gradient) when every Omega_b is empty.
+mesa_loss
+    shifted_mse of LN(student) against LN(ema), LN without affine parameters over C.
+angular_loss
+    mean_b Theta(x_b, y_b)^2 / dispersion, Theta in [0, pi] the angle between the vectors,
+    computed as 2 * atan2(||x^ - y^||, ||x^ + y^||) on unit vectors (stable at 0 and pi).
+attention
+    softmax(q k^T * scale) v with the window / prefix visibility of ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Squared norms below this are treated as zero: x^ = x / max(||x||, 1e-12), and the
+# half-chord lengths are clamped before the sqrt so their gradient is 0, not inf, at 0.
+_TINY = 1e-24
+
+
+def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# shift-aligned masked MSE
+# ----------------------------------------------------------------------------------------
+def overlap_bounds(size_s: int, size_t: int, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample [lo, hi) range of student indices i with 0 <= i + shift < size_t."""
+    lo = (-shift).clamp(min=0, max=size_s)
+    hi = (size_t - shift).clamp(min=0, max=size_s)
+    return lo, torch.maximum(hi, lo)
+
+
+def shifted_mse(student: torch.Tensor, target: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    dtype = _math_dtype(student, target)
+    B, Hs, Ws, C = student.shape
+    _, Ht, Wt, _ = target.shape
+    shift = shift.to(device=student.device, dtype=torch.long)
+    dy, dx = shift[:, 0], shift[:, 1]
+    rows = torch.arange(Hs, device=student.device)[None, :] + dy[:, None]  # (B, Hs) target row
+    cols = torch.arange(Ws, device=student.device)[None, :] + dx[:, None]  # (B, Ws) target col
+    row_ok = (rows >= 0) & (rows < Ht)
+    col_ok = (cols >= 0) & (cols < Wt)
+    mask = row_ok[:, :, None] & col_ok[:, None, :]  # (B, Hs, Ws)
+    b = torch.arange(B, device=student.device)[:, None, None]
+    aligned = target[b, rows.clamp(0, Ht - 1)[:, :, None], cols.clamp(0, Wt - 1)[:, None, :]]
+    sq = (student.to(dtype) - aligned.to(dtype)).square().sum(-1)
+    sq = torch.where(mask, sq, torch.zeros((), dtype=dtype, device=sq.device))
+    count = mask.sum().to(dtype) * C
+    return sq.sum() / count.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------
+# LayerNorm + shifted MSE (MESA)
+# ----------------------------------------------------------------------------------------
+def mesa_loss(
+    student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor | None, eps: float = 1e-6
+) -> torch.Tensor:
+    dtype = _math_dtype(student, ema)
+    C = student.shape[-1]
+    s = F.layer_norm(student.to(dtype), (C,), eps=eps)
+    t = F.layer_norm(ema.detach().to(dtype), (C,), eps=eps)
+    if shift is None:
+        shift = torch.zeros(student.shape[0], 2, dtype=torch.long, device=student.device)
+    return shifted_mse(s, t, shift)
+
+
+# ----------------------------------------------------------------------------------------
+# Angular (balanced) summary loss
+# ----------------------------------------------------------------------------------------
+def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise angle in [0, pi] between x and y (..., C), finite with finite gradients.
+
+    Theta = 2 atan2(||x^ - y^||, ||x^ + y^||). Both chords are clamped away from 0 before the
+    square root, so parallel rows (Theta = 0) and antiparallel rows (Theta = pi) get a zero
+    gradient through the vanishing chord instead of 0 * inf. A zero row is treated as the
+    zero vector (x^ = 0), giving Theta = pi / 2.
+    """
+    x_hat = x * torch.rsqrt(x.square().sum(-1, keepdim=True).clamp(min=_TINY))
+    y_hat = y * torch.rsqrt(y.square().sum(-1, keepdim=True).clamp(min=_TINY))
+    minus = (x_hat - y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
+    plus = (x_hat + y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
+    return 2 * torch.atan2(minus, plus)
+
+
+def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion: torch.Tensor | float) -> torch.Tensor:
+    dtype = _math_dtype(x, y)
+    theta = angle(x.to(dtype), y.detach().to(dtype))
+    return theta.square().mean() / torch.as_tensor(dispersion, dtype=dtype, device=x.device)
+
+
+def mean_direction(y: torch.Tensor) -> torch.Tensor:
+    """mu = E[y] / ||E[y]|| over the rows of y (B, C)."""
+    m = y.mean(0)
+    return m * torch.rsqrt(m.square().sum().clamp(min=_TINY))
+
+
+def angular_dispersion(y: torch.Tensor) -> torch.Tensor:
+    """E_b[Theta(y_b, mu)^2] with mu the mean direction of the rows of y (B, C)."""
+    dtype = _math_dtype(y)
+    y = y.to(dtype)
+    mu = mean_direction(y)
+    return angle(y, mu.expand_as(y)).square().mean()
+
+
+# ----------------------------------------------------------------------------------------
+# Attention: global, windowed, windowed with global prefix tokens
+# ----------------------------------------------------------------------------------------
+def attention_mask(n: int, num_prefix: int, window_tokens: int, device=None) -> torch.Tensor:
+    """Boolean (N, N) visibility: mask[i, j] is True when query i may attend to key j.
+
+    A dense definition for tests; the fast paths below never build it.
+    """
+    if window_tokens == 0:
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+    idx = torch.arange(n, device=device)
+    window = torch.where(idx < num_prefix, -1, (idx - num_prefix) // window_tokens)
+    is_prefix = window < 0
+    same = window[:, None] == window[None, :]
+    return same | is_prefix[:, None] | is_prefix[None, :]
+
+
+def attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, window_tokens: int, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with an explicit N x N score matrix (test oracle)."""
+    dtype = _math_dtype(q, k, v)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(dtype), k.to(dtype)) * scale
+    mask = attention_mask(q.shape[2], num_prefix, window_tokens, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v.to(dtype)).to(q.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_prefix: int = 0,
+    window_tokens: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Memory-efficient reference on ``F.scaled_dot_product_attention``; no N x N mask.
+
+    Global: one SDPA call. Windowed: the patch tokens are viewed as (B*H*nw, T, D) windows; each
+    window's queries see the prefix keys (copied into every window) plus its own T keys; prefix
+    queries see every key. Returns (B, H, N, D) stored as (B, N, H, D).
+    """
+    B, H, N, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    if window_tokens == 0:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        P, T = num_prefix, window_tokens
+        nw = (N - P) // T
+
+        def windows(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :, P:].reshape(B, H, nw, T, D)
+
+        kw, vw = windows(k), windows(v)
+        if P:
+            kw = torch.cat([k[:, :, None, :P].expand(B, H, nw, P, D), kw], dim=3)
+            vw = torch.cat([v[:, :, None, :P].expand(B, H, nw, P, D), vw], dim=3)
+        patch_out = F.scaled_dot_product_attention(windows(q), kw, vw, scale=scale).reshape(B, H, N - P, D)
+        if P:
+            prefix_out = F.scaled_dot_product_attention(q[:, :, :P], k, v, scale=scale)
+            out = torch.cat([prefix_out, patch_out], dim=2)
+        else:
+            out = patch_out
+    # Store as (B, N, H, D) so that out.transpose(1, 2).reshape(B, N, H * D) is free.
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def attention_flops(n: int, num_prefix: int, window_tokens: int, d: int, batch_heads: int) -> float:
+    """Forward FLOPs on visible (query, key) pairs: 4 * B*H * pairs * D."""
+    if window_tokens == 0:
+        pairs = n * n
+    else:
+        P, T = num_prefix, window_tokens
+        pairs = P * n + (n - P) * (P + T)
+    return 4.0 * batch_heads * pairs * d
+
+
+__all__ = [
+    "angle",
+    "angular_dispersion",
+    "angular_loss",
+    "attention",
+    "attention_dense",
+    "attention_flops",
+    "attention_mask",
+    "mean_direction",
+    "mesa_loss",
+    "overlap_bounds",
+    "shifted_mse",
+]
