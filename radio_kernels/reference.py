@@ -70,9 +70,7 @@ def shifted_mse(student: torch.Tensor, target: torch.Tensor, shift: torch.Tensor
 # ----------------------------------------------------------------------------------------
 # LayerNorm + shifted MSE (MESA)
 # ----------------------------------------------------------------------------------------
-def mesa_loss(
-    student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor | None, eps: float = 1e-6
-) -> torch.Tensor:
+def mesa_loss(student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     dtype = _math_dtype(student, ema)
     C = student.shape[-1]
     s = F.layer_norm(student.to(dtype), (C,), eps=eps)
