@@ -7,17 +7,26 @@
 from .base import Teacher, TeacherOutput
 from .dinov3 import DINOv3Teacher
 from .loading import TEACHER_KINDS, load_teacher, tiny_teacher
+from .mosaic import Placement, mosaic_features, plan_mosaic
 from .sam3 import Sam3Teacher
 from .siglip2 import Siglip2NaFlexTeacher, SiglipTeacher
+from .tiling import native_size, tiled_features, tiled_teacher_output, tiles_for
 
 __all__ = [
     "TEACHER_KINDS",
     "DINOv3Teacher",
+    "Placement",
     "Sam3Teacher",
     "Siglip2NaFlexTeacher",
     "SiglipTeacher",
     "Teacher",
     "TeacherOutput",
     "load_teacher",
+    "mosaic_features",
+    "native_size",
+    "plan_mosaic",
+    "tiled_features",
+    "tiled_teacher_output",
+    "tiles_for",
     "tiny_teacher",
 ]

@@ -105,8 +105,7 @@ def load_teacher(
         teacher = DINOv3Teacher(_from_pretrained(DINOv3ViTModel, name_or_path, dtype=dtype), **common)
     elif kind == "sam3" and mtype.startswith("sam3"):
         model = _from_pretrained(
-            Sam3ViTModel,
-            name_or_path, config=_sam3_vit_config(config), dtype=dtype, key_mapping=_SAM3_KEY_MAPPING
+            Sam3ViTModel, name_or_path, config=_sam3_vit_config(config), dtype=dtype, key_mapping=_SAM3_KEY_MAPPING
         )
         teacher = Sam3Teacher(model, **common)
     else:
