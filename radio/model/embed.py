@@ -1,0 +1,39 @@
+"""Input side of the student: pixel normalisation and the linear patch embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# OpenAI-CLIP statistics, the normalisation every RADIO model applies to [0, 1] RGB input.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class InputNormalizer(nn.Module):
+    """``(x - mean) / std`` per RGB channel; mean and std are (3, 1, 1) buffers saved with the model."""
+
+    def __init__(self, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches, each flattened as (channel, row, col) and mapped by
+    ``Linear(3*p*p -> D)`` without bias. (B, 3, H, W) -> (B, (H/p)*(W/p), D) in raster order."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_chans * patch_size * patch_size, embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        # unfold yields (B, C*p*p, L) with the (c, row, col) flattening order that matches the weight layout.
+        patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
+        return self.proj(patches)

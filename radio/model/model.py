@@ -1,0 +1,358 @@
+"""``RadioModel``: the student ViT with CPE, ViTDet windows and per-teacher adaptor heads.
+
+Forward pass for x (B, 3, H, W) in [0, 1], token grid h = H/p, w = W/p, P prefix tokens::
+
+    x      = (x - mean) / std                                    (skipped after make_preprocessor_external)
+    tokens = PatchEmbed(x) + CPE(h, w)                           (B, h*w, D), raster order
+    tokens = [prefix tokens (P, D) ; tokens]                     (B, P + h*w, D)
+    tokens = blocks(tokens)                                      ViTDet schedule, see radio.model.vitdet
+    tokens = LN(tokens)                                          final norm (config.final_norm), all tokens
+    summary  = concat(tokens[:, i] for i in summary_idxs)        (B, len(summary_idxs) * D)
+    features = tokens[:, P:]                                     (B, h*w, D) | NCHW | NHWC
+
+With adaptors, teacher t's summary head reads CLS token ``spec.cls_index`` and its feature head the
+patch tokens; the output is ``{"backbone": RadioOutput, t: RadioOutput, ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .adaptors import Adaptor
+from .blocks import Block, init_vit_weights
+from .config import ATTENTION_BACKENDS, AdaptorSpec, RadioConfig
+from .cpe import PositionEmbedding
+from .embed import InputNormalizer, PatchEmbed
+from .vitdet import WindowedRun
+
+FEATURE_FORMATS = ("NLC", "NCHW", "NHWC")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREFERRED_RESOLUTION = 512
+
+
+class RadioOutput(NamedTuple):
+    """summary (B, S) or None for a teacher without a summary; features (B, N, C), NCHW or NHWC."""
+
+    summary: torch.Tensor | None
+    features: torch.Tensor
+
+
+class Resolution(NamedTuple):
+    height: int
+    width: int
+
+
+def format_features(tokens: torch.Tensor, h: int, w: int, fmt: str) -> torch.Tensor:
+    """(B, h*w, C) raster tokens -> NLC (as is), NHWC (B, h, w, C) or NCHW (B, C, h, w)."""
+    if fmt == "NLC":
+        return tokens
+    grid = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+    return grid if fmt == "NHWC" else grid.permute(0, 3, 1, 2)
+
+
+def _check_feature_fmt(name: str, fmt: str) -> None:
+    if fmt not in FEATURE_FORMATS:
+        raise ValueError(f"{name} must be one of {FEATURE_FORMATS}, got {fmt!r}")
+
+
+class RadioModel(nn.Module):
+    """Student backbone + optional adaptor heads. See the module docstring for the math.
+
+    Args:
+        config: architecture (``RadioConfig``).
+        adaptors: teacher heads; adaptor i reads CLS token ``spec.cls_index``, or token i when that is None.
+    """
+
+    def __init__(self, config: RadioConfig, adaptors: Sequence[AdaptorSpec] | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, RadioConfig):
+            raise TypeError(f"config must be a RadioConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        D = config.embed_dim
+        self.input_norm = InputNormalizer()
+        self.patch_embed = PatchEmbed(config.patch_size, D)
+        self.cpe = PositionEmbedding(D, config.cpe_max_size // config.patch_size, config.pos_dropout)
+        self.prefix_tokens = nn.Parameter(torch.randn(config.num_prefix_tokens, D) * D**-0.5)
+        self.blocks = nn.ModuleList(
+            Block(D, config.num_heads, config.hidden_dim, config.qkv_bias, config.layer_scale,
+                  norm_eps=1e-6, backend=config.attention_backend)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=1e-6) if config.final_norm else nn.Identity()
+        self._windowed = config.windowed_blocks()
+        self._external_preprocessor = False
+        self.grad_checkpointing = False
+
+        self.adaptor_specs: list[AdaptorSpec] = []
+        self.adaptors = nn.ModuleDict()
+        for i, spec in enumerate(adaptors or ()):
+            if not isinstance(spec, AdaptorSpec):
+                raise TypeError(f"adaptors[{i}] must be an AdaptorSpec, got {type(spec).__name__}")
+            if spec.name in self.adaptors:
+                raise ValueError(f"adaptors: duplicate name {spec.name!r}")
+            cls_index = i if spec.cls_index is None else spec.cls_index
+            if cls_index >= config.num_cls_tokens:
+                raise ValueError(
+                    f"adaptors[{i}] ({spec.name!r}) reads CLS token {cls_index}, but the model has "
+                    f"num_cls_tokens={config.num_cls_tokens}; set AdaptorSpec.cls_index"
+                )
+            spec = AdaptorSpec.from_dict({**spec.to_dict(), "cls_index": cls_index})
+            self.adaptor_specs.append(spec)
+            self.adaptors[spec.name] = Adaptor(spec, D, config.attention_backend)
+        init_vit_weights(self.blocks)
+        init_vit_weights(self.patch_embed)
+        init_vit_weights(self.adaptors)
+
+    # ------------------------------------------------------------------ official API properties
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def window_size(self) -> int | None:
+        return self.config.window_size
+
+    @property
+    def min_resolution_step(self) -> int:
+        """Input sides must be multiples of this: patch_size, times window_size in ViTDet mode."""
+        return self.patch_size * (self.window_size or 1)
+
+    @property
+    def preferred_resolution(self) -> Resolution:
+        return Resolution(PREFERRED_RESOLUTION, PREFERRED_RESOLUTION)
+
+    @property
+    def max_resolution(self) -> int:
+        return self.config.cpe_max_size
+
+    @property
+    def num_summary_tokens(self) -> int:
+        """Prefix tokens (CLS + registers) in front of the patch tokens."""
+        return self.config.num_prefix_tokens
+
+    @property
+    def num_cls_tokens(self) -> int:
+        return self.config.num_cls_tokens
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def summary_dim(self) -> int:
+        return len(self.config.summary_idxs) * self.config.embed_dim
+
+    def get_nearest_supported_resolution(self, height: int, width: int) -> Resolution:
+        """Round each side to the nearest multiple of min_resolution_step within [step, max_resolution]."""
+        step = self.min_resolution_step
+        top = self.max_resolution // step * step
+
+        def snap(side: int) -> int:
+            return int(min(max(round(side / step) * step, step), top))
+
+        return Resolution(snap(height), snap(width))
+
+    def make_preprocessor_external(self) -> nn.Module:
+        """Return the input normaliser and make ``forward`` expect already-normalised input."""
+        self._external_preprocessor = True
+        return self.input_norm
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (training only) to save memory."""
+        self.grad_checkpointing = bool(enable)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention call (backbone and attention heads) to ``backend``."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        self.config.attention_backend = backend
+        for module in self.modules():
+            if hasattr(module, "backend") and hasattr(module, "qkv"):
+                module.backend = backend
+
+    # ------------------------------------------------------------------ input checks
+    def check_input(self, x: Any) -> tuple[int, int]:
+        """Validate an image batch; return its token grid (h, w)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must have shape (B, 3, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+        H, W = x.shape[-2:]
+        step = self.min_resolution_step
+        nearest = self.get_nearest_supported_resolution(H, W)
+        if H % step or W % step or H == 0 or W == 0:
+            raise ValueError(
+                f"x height and width must be positive multiples of min_resolution_step={step}, got {H}x{W}; "
+                f"nearest supported resolution: {nearest.height}x{nearest.width}"
+            )
+        if max(H, W) > self.max_resolution:
+            raise ValueError(
+                f"x height and width must be at most max_resolution={self.max_resolution}, got {H}x{W}; "
+                f"nearest supported resolution: {nearest.height}x{nearest.width}"
+            )
+        return H // self.patch_size, W // self.patch_size
+
+    # ------------------------------------------------------------------ trunk
+    def _embed(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.check_input(x)
+        if not self._external_preprocessor:
+            x = self.input_norm(x)
+        tokens = self.cpe(self.patch_embed(x), grid, generator)
+        prefix = self.prefix_tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([prefix, tokens], dim=1), grid
+
+    def _run_block(self, block: Block, x: torch.Tensor, kwargs: dict[str, int]) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
+
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], take: set[int] | None = None,
+                    stop_after: int | None = None):
+        """Run the blocks; return (raster tokens, {block index: raster tokens after it} for ``take``)."""
+        cfg = self.config
+        any_windowed = any(self._windowed)
+        run = WindowedRun(grid, cfg.num_prefix_tokens, cfg.window_size if any_windowed else None,
+                          cfg.vitdet_prefix)
+        x = run.enter(x)
+        taken = {}
+        last = len(self.blocks) - 1 if stop_after is None else stop_after
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = run.to_windowed(x) if self._windowed[i] else run.to_global(x)
+            x = self._run_block(block, x, run.block_kwargs())
+            if take is not None and i in take:
+                taken[i] = run.peek(x)
+        return run.exit(x), taken
+
+    def forward_features(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """All output tokens after the final norm, (B, P + h*w, D) in raster order, and the grid (h, w)."""
+        tokens, grid = self._embed(x, generator)
+        tokens, _ = self._run_blocks(tokens, grid)
+        return self.norm(tokens), grid
+
+    # ------------------------------------------------------------------ outputs
+    def _backbone_output(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str) -> RadioOutput:
+        summary = tokens[:, self.config.summary_idxs].flatten(1)
+        features = tokens[:, self.config.num_prefix_tokens:]
+        return RadioOutput(summary, format_features(features, *grid, fmt))
+
+    def _outputs(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str):
+        backbone = self._backbone_output(tokens, grid, fmt)
+        if not self.adaptor_specs:
+            return backbone
+        patches = tokens[:, self.config.num_prefix_tokens:]
+        out = {"backbone": backbone}
+        for spec in self.adaptor_specs:
+            summary, features = self.adaptors[spec.name](tokens[:, spec.cls_index], patches, grid)
+            k = spec.upsample_factor
+            out[spec.name] = RadioOutput(summary, format_features(features, grid[0] * k, grid[1] * k, fmt))
+        return out
+
+    def forward(self, x: torch.Tensor, feature_fmt: str = "NLC", *, generator: torch.Generator | None = None):
+        """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
+
+        ``generator`` drives the training-time CPE randomness (crops, position dropout).
+        """
+        _check_feature_fmt("feature_fmt", feature_fmt)
+        tokens, grid = self.forward_features(x, generator)
+        return self._outputs(tokens, grid, feature_fmt)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        """Per-block outputs, timm style.
+
+        ``indices``: an int n takes the last n blocks, a sequence takes those block indices (negative
+        counts from the end), None takes all. Each intermediate is the block's patch tokens in raster
+        order (in ``output_fmt``), or ``RadioOutput(summary, features)`` with ``return_prefix_tokens``.
+        ``norm`` applies the final norm to them. Returns ``intermediates`` when ``intermediates_only``
+        (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
+        where ``final`` is what ``forward(x, output_fmt)`` returns.
+        """
+        _check_feature_fmt("output_fmt", output_fmt)
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices as an int must be in [1, {depth}], got {indices}")
+            take = list(range(depth - indices, depth))
+        else:
+            take = sorted({i + depth if i < 0 else i for i in indices})
+            if not take or take[0] < 0 or take[-1] >= depth:
+                raise ValueError(f"indices must name blocks in [-{depth}, {depth}), got {list(indices)}")
+        tokens, grid = self._embed(x, generator)
+        stop = take[-1] if (stop_early and intermediates_only) else None
+        tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
+        intermediates = []
+        for i in take:
+            t = self.norm(taken[i]) if norm else taken[i]
+            out = self._backbone_output(t, grid, output_fmt)
+            intermediates.append(out if return_prefix_tokens else out.features)
+        if intermediates_only:
+            return intermediates
+        return self._outputs(self.norm(tokens), grid, output_fmt), intermediates
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        meta = {
+            "format": "radio-model",
+            "version": 1,
+            "config": self.config.to_dict(),
+            "adaptors": [spec.to_dict() for spec in self.adaptor_specs],
+        }
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> RadioModel:
+        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs)."""
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"directory {str(directory)!r} has no {CONFIG_FILE}; was it written by save_pretrained?")
+        with open(config_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != "radio-model":
+            raise ValueError(f"{config_path} is not a RadioModel config (format={meta.get('format')!r})")
+        model = cls(RadioConfig.from_dict(meta["config"]), [AdaptorSpec.from_dict(a) for a in meta["adaptors"]])
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE), device=str(map_location)))
+        return model.to(map_location)
+
+    @classmethod
+    def from_radio_checkpoint(cls, checkpoint: str | os.PathLike | dict, **kwargs) -> RadioModel:
+        """Load a checkpoint in the NVlabs/RADIO layout; see ``radio.model.checkpoint``."""
+        from .checkpoint import load_radio_checkpoint
+
+        return load_radio_checkpoint(cls, checkpoint, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        win = f", window={c.window_size}, prefix={c.vitdet_prefix!r}" if c.window_size else ""
+        return f"D={c.embed_dim}, depth={c.depth}, heads={c.num_heads}, patch={c.patch_size}{win}"
