@@ -156,9 +156,7 @@ class PHISNormalizer(nn.Module):
         seed: seed of the random-rotation fallback when no Hadamard matrix of order ``dim`` exists.
     """
 
-    def __init__(
-        self, dim: int, refresh_every: int = 100, freeze_after: int = 3000, eps: float = 1e-6, seed: int = 0
-    ):
+    def __init__(self, dim: int, refresh_every: int = 100, freeze_after: int = 3000, eps: float = 1e-6, seed: int = 0):
         super().__init__()
         for name, value in (("dim", dim), ("refresh_every", refresh_every), ("freeze_after", freeze_after)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
