@@ -325,3 +325,53 @@ def test_mosaic_rejects_views_that_do_not_fit():
         mosaic_features(teacher, [torch.rand(1, 3, 16, 16)])
     with pytest.raises(TypeError, match="non-empty"):
         mosaic_features(teacher, [])
+
+
+def test_load_full_sam3_model_checkpoint(tmp_path):
+    from transformers.models.sam3.configuration_sam3 import Sam3Config
+    from transformers.models.sam3.modeling_sam3 import Sam3Model
+
+    teacher = tiny_teacher("sam3", seed=2)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+    text = {
+        **small,
+        "num_hidden_layers": 1,
+        "vocab_size": 64,
+        "projection_dim": 16,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config = Sam3Config(
+        vision_config={"backbone_config": teacher.model.config.to_dict(), "fpn_hidden_size": 16},
+        text_config=text,
+        geometry_encoder_config={**small, "num_layers": 1},
+        detr_encoder_config={**small, "num_layers": 1},
+        detr_decoder_config={**small, "num_layers": 1, "num_queries": 4},
+        mask_decoder_config={"hidden_size": 16, "num_attention_heads": 2},
+    )
+    full = Sam3Model(config)
+    full.vision_encoder.backbone.load_state_dict(teacher.model.state_dict())
+    full.save_pretrained(tmp_path)
+    loaded = load_teacher("sam3", str(tmp_path))
+    x = _images(1, 112)
+    assert torch.equal(loaded(x).features, teacher(x).features)
+
+
+def test_load_refuses_partly_random_model(tmp_path):
+    from safetensors.torch import save_file
+
+    teacher = tiny_teacher("sam3")
+    teacher.model.config.save_pretrained(tmp_path)
+    # Trunk weights under an unknown prefix: nothing maps onto the model.
+    save_file(
+        {f"other.{k}": v.contiguous() for k, v in teacher.model.state_dict().items()}, tmp_path / "model.safetensors"
+    )
+    with pytest.raises(ValueError, match="lacks weights"):
+        load_teacher("sam3", str(tmp_path))
+
+
+def test_dtype_follows_to():
+    teacher = tiny_teacher("siglip2").to(torch.bfloat16)
+    assert teacher.dtype == torch.bfloat16
+    assert teacher(_images(1, 64)).features.dtype == torch.bfloat16

@@ -62,13 +62,19 @@ class Teacher(nn.Module):
         self.summary_dim = None if summary_dim is None else int(summary_dim)
         self.fixed_size = None if fixed_size is None else int(fixed_size)
         self.native_size = int(native_size)
-        self.dtype = dtype
+        self._dtype = dtype
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.training = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype: that of the encoder's weights, so a later ``teacher.to(dtype)`` is honoured."""
+        for param in self.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return self._dtype
 
     # Teachers are frozen: trainer.train() on a parent module must not switch on dropout etc.
     def train(self, mode: bool = True) -> Teacher:
@@ -95,8 +101,9 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """images: (B, 3, H, W) in [0, 1] -> TeacherOutput(summary (B, Cs) | None, features (B, h, w, Cf))."""
         self.check_images(images)
-        mean = self._mean.to(images.device, torch.float32)
-        std = self._std.to(images.device, torch.float32)
+        # Built from the float tuples each call: a buffer would be rounded by teacher.to(bfloat16).
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         pixels = ((images.float() - mean) / std).to(self.dtype)
         return self._encode(pixels)
 
