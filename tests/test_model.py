@@ -222,8 +222,9 @@ def test_pixel_shuffle_tokens_places_each_sub_token_in_its_cell():
 def test_gradients_reach_every_parameter(mode):
     model = make_model(adaptors=ADAPTORS, window_size=2, vitdet_prefix=mode, pos_dropout=0.0).train()
     out = model(images(2, 64, 64), generator=torch.Generator().manual_seed(0))
-    loss = sum(o.features.square().mean() + (o.summary.square().mean() if o.summary is not None else 0)
-               for o in out.values())
+    loss = sum(
+        o.features.square().mean() + (o.summary.square().mean() if o.summary is not None else 0) for o in out.values()
+    )
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
@@ -287,8 +288,9 @@ def test_forward_intermediates():
     with torch.no_grad():
         final, inter = model.forward_intermediates(x, indices=2, norm=True, output_fmt="NLC")
         ref = model(x)
-        only = model.forward_intermediates(x, indices=[0, -1], output_fmt="NCHW", intermediates_only=True,
-                                           stop_early=True, return_prefix_tokens=True)
+        only = model.forward_intermediates(
+            x, indices=[0, -1], output_fmt="NCHW", intermediates_only=True, stop_early=True, return_prefix_tokens=True
+        )
     assert len(inter) == 2 and inter[-1].shape == (2, 24, 48)
     torch.testing.assert_close(inter[-1], ref["backbone"].features)  # last block + final norm = output
     torch.testing.assert_close(final["siglip"].summary, ref["siglip"].summary)
@@ -316,12 +318,30 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def test_state_dict_keys_are_stable_for_the_tiny_preset():
     block = [
-        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-        "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
-        "mlp.fc2.bias", "ls2.gamma",
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "ls1.gamma",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "ls2.gamma",
     ]
-    expected = {"input_norm.mean", "input_norm.std", "patch_embed.proj.weight", "cpe.pos_embed", "prefix_tokens",
-                "norm.weight", "norm.bias"}
+    expected = {
+        "input_norm.mean",
+        "input_norm.std",
+        "patch_embed.proj.weight",
+        "cpe.pos_embed",
+        "prefix_tokens",
+        "norm.weight",
+        "norm.bias",
+    }
     expected |= {f"blocks.{i}.{k}" for i in range(4) for k in block}
     sd = RadioModel(tiny()).state_dict()
     assert set(sd) == expected

@@ -67,8 +67,9 @@ def reference_forward(model, x):
             out = block(torch.cat([prefix, grid.reshape(B, h * w, D)], 1))
             prefix, grid = out[:, :P], out[:, P:].reshape(B, h, w, D)
         elif cfg.vitdet_prefix == "global":
-            out = masked_block(block, torch.cat([prefix, grid.reshape(B, h * w, D)], 1),
-                               spatial_window_mask(P, h, w, ws))
+            out = masked_block(
+                block, torch.cat([prefix, grid.reshape(B, h * w, D)], 1), spatial_window_mask(P, h, w, ws)
+            )
             prefix, grid = out[:, :P], out[:, P:].reshape(B, h, w, D)
         else:
             grid = grid.clone()
@@ -116,16 +117,18 @@ def test_skip_leaves_prefix_tokens_untouched_through_windowed_blocks():
     model = make_model(window_size=2, vitdet_prefix="skip", global_blocks=[3])  # blocks 0-2 windowed
     x = images(2, 64, 64)
     with torch.no_grad():
-        inter = model.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NLC",
-                                            return_prefix_tokens=True, intermediates_only=True)
+        inter = model.forward_intermediates(
+            x, indices=[0, 1, 2, 3], output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
     initial = model.prefix_tokens[model.config.summary_idxs].flatten().expand(2, -1)
     for out in inter[:3]:
         assert torch.equal(out.summary, initial)
     assert not torch.allclose(inter[3].summary, initial)  # the global block does update them
     # Windowed blocks see only the patch tokens, with window-sized attention.
     seen = []
-    hook = model.blocks[0].attn.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0].shape, kw)),
-                                                          with_kwargs=True)
+    hook = model.blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0].shape, kw)), with_kwargs=True
+    )
     with torch.no_grad():
         model(x)
     hook.remove()
@@ -135,8 +138,9 @@ def test_skip_leaves_prefix_tokens_untouched_through_windowed_blocks():
 def test_global_prefix_mode_passes_the_prefix_layout_to_the_kernel():
     model = make_model(window_size=2, vitdet_prefix="global")
     seen = []
-    hook = model.blocks[0].attn.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0].shape, kw)),
-                                                          with_kwargs=True)
+    hook = model.blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0].shape, kw)), with_kwargs=True
+    )
     with torch.no_grad():
         model(images(1, 64, 128))
     hook.remove()

@@ -59,8 +59,10 @@ class AttnFeatureHead(nn.Module):
         heads = attn_head_num_heads(in_dim)
         # Norm eps 1e-5 (nn.LayerNorm's default) as in the public heads, unlike the backbone's 1e-6.
         self.blocks = nn.Sequential(
-            *(Block(in_dim, heads, 4 * in_dim, qkv_bias=False, layer_scale=1e-5, norm_eps=1e-5, backend=backend)
-              for _ in range(2))
+            *(
+                Block(in_dim, heads, 4 * in_dim, qkv_bias=False, layer_scale=1e-5, norm_eps=1e-5, backend=backend)
+                for _ in range(2)
+            )
         )
         self.mlp = MLP2(in_dim, hidden_dim, out_dim, num_inner=num_inner, pre_norm=pre_norm)
 
@@ -95,8 +97,9 @@ class Adaptor(nn.Module):
             self.summary_head = None
         if spec.head == "attn":
             inner = spec.feature_num_inner if spec.feature_num_inner is not None else 0
-            self.feature_head = AttnFeatureHead(embed_dim, feat_hidden, k2 * spec.feature_dim, inner,
-                                                spec.pre_norm, backend)
+            self.feature_head = AttnFeatureHead(
+                embed_dim, feat_hidden, k2 * spec.feature_dim, inner, spec.pre_norm, backend
+            )
         else:
             inner = spec.feature_num_inner if spec.feature_num_inner is not None else spec.num_inner
             self.feature_head = MLP2(embed_dim, feat_hidden, k2 * spec.feature_dim, inner, spec.pre_norm)

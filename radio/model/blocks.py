@@ -43,9 +43,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         # (B, N, 3, H, Dh) -> three (B, H, N, Dh) views with unit stride in Dh; no copies.
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = radio_kernels.attention(
-            q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, backend=self.backend
-        )
+        out = radio_kernels.attention(q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, backend=self.backend)
         # The kernel stores (B, H, N, Dh) as (B, N, H, Dh): this reshape is free.
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 

@@ -52,11 +52,20 @@ from .config import AdaptorSpec, RadioConfig
 
 # timm ViT names -> number of heads (the weights do not say).
 _TIMM_HEADS = (
-    ("so400m", 16), ("vit_tiny", 3), ("vit_small", 6), ("vit_base", 12), ("vit_large", 16), ("vit_huge", 16),
-    ("vit_giant", 16), ("vit_gigantic", 16),
+    ("so400m", 16),
+    ("vit_tiny", 3),
+    ("vit_small", 6),
+    ("vit_base", 12),
+    ("vit_large", 16),
+    ("vit_huge", 16),
+    ("vit_giant", 16),
+    ("vit_gigantic", 16),
 )
 _IGNORED_PREFIXES = (
-    "summary_idxs", "feature_normalizer.", "inter_feature_normalizer.", "_feature_normalizer.",
+    "summary_idxs",
+    "feature_normalizer.",
+    "inter_feature_normalizer.",
+    "_feature_normalizer.",
     "_intermediate_feature_normalizer.",
 )
 _BACKBONE_RENAMES = {
@@ -75,7 +84,7 @@ def _arg(args: Any, name: str, default: Any = None) -> Any:
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _count_inner(state: dict[str, torch.Tensor], prefix: str = "") -> int:
@@ -112,9 +121,7 @@ def _num_heads(args: Any, embed_dim: int, num_heads: int | None) -> int:
             return heads
     if embed_dim % 64 == 0:
         return embed_dim // 64
-    raise ValueError(
-        f"cannot tell the number of heads of model {name!r} (embed_dim {embed_dim}); pass num_heads="
-    )
+    raise ValueError(f"cannot tell the number of heads of model {name!r} (embed_dim {embed_dim}); pass num_heads=")
 
 
 def _summary_idxs(args: Any, state: dict[str, torch.Tensor], num_cls: int) -> list[int]:

@@ -21,8 +21,7 @@ _V4_PREFIX = dict(num_cls_tokens=3, num_registers=7, summary_idxs=[0, 1])
 _PRESETS: dict[str, dict[str, Any]] = {
     # A few milliseconds per image on a CPU: for tests, demos and smoke runs. num_global=2 makes
     # blocks 1 and 3 global, 0 and 2 windowed, so the ViTDet path is exercised with only 4 blocks.
-    "tiny": dict(embed_dim=48, depth=4, num_heads=3, mlp_ratio=2.0, layer_scale=0.1, cpe_max_size=1024,
-                 num_global=2),
+    "tiny": dict(embed_dim=48, depth=4, num_heads=3, mlp_ratio=2.0, layer_scale=0.1, cpe_max_size=1024, num_global=2),
     "vit-b": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit-l": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
     "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_dim=4304),
@@ -92,9 +91,7 @@ class RadioConfig:
             positive_int("mlp_dim")
         elif not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
             raise ValueError(f"RadioConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if self.layer_scale is not None and not (
-            isinstance(self.layer_scale, (int, float)) and self.layer_scale > 0
-        ):
+        if self.layer_scale is not None and not (isinstance(self.layer_scale, (int, float)) and self.layer_scale > 0):
             raise ValueError(f"RadioConfig.layer_scale must be None or a positive float, got {self.layer_scale!r}")
         if not isinstance(self.num_cls_tokens, int) or self.num_cls_tokens < 1:
             raise ValueError(f"RadioConfig.num_cls_tokens must be an int >= 1, got {self.num_cls_tokens!r}")
@@ -129,7 +126,9 @@ class RadioConfig:
                 f"RadioConfig.global_blocks must hold block indices in [0, {self.depth}), got {self.global_blocks!r}"
             )
         if self.vitdet_prefix not in VITDET_PREFIX_MODES:
-            raise ValueError(f"RadioConfig.vitdet_prefix must be one of {VITDET_PREFIX_MODES}, got {self.vitdet_prefix!r}")
+            raise ValueError(
+                f"RadioConfig.vitdet_prefix must be one of {VITDET_PREFIX_MODES}, got {self.vitdet_prefix!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"RadioConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"

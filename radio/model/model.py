@@ -83,8 +83,15 @@ class RadioModel(nn.Module):
         self.cpe = PositionEmbedding(D, config.cpe_max_size // config.patch_size, config.pos_dropout)
         self.prefix_tokens = nn.Parameter(torch.randn(config.num_prefix_tokens, D) * D**-0.5)
         self.blocks = nn.ModuleList(
-            Block(D, config.num_heads, config.hidden_dim, config.qkv_bias, config.layer_scale,
-                  norm_eps=1e-6, backend=config.attention_backend)
+            Block(
+                D,
+                config.num_heads,
+                config.hidden_dim,
+                config.qkv_bias,
+                config.layer_scale,
+                norm_eps=1e-6,
+                backend=config.attention_backend,
+            )
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(D, eps=1e-6) if config.final_norm else nn.Identity()
@@ -217,13 +224,13 @@ class RadioModel(nn.Module):
             return checkpoint(block, x, use_reentrant=False, **kwargs)
         return block(x, **kwargs)
 
-    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], take: set[int] | None = None,
-                    stop_after: int | None = None):
+    def _run_blocks(
+        self, x: torch.Tensor, grid: tuple[int, int], take: set[int] | None = None, stop_after: int | None = None
+    ):
         """Run the blocks; return (raster tokens, {block index: raster tokens after it} for ``take``)."""
         cfg = self.config
         any_windowed = any(self._windowed)
-        run = WindowedRun(grid, cfg.num_prefix_tokens, cfg.window_size if any_windowed else None,
-                          cfg.vitdet_prefix)
+        run = WindowedRun(grid, cfg.num_prefix_tokens, cfg.window_size if any_windowed else None, cfg.vitdet_prefix)
         x = run.enter(x)
         taken = {}
         last = len(self.blocks) - 1 if stop_after is None else stop_after
@@ -243,14 +250,14 @@ class RadioModel(nn.Module):
     # ------------------------------------------------------------------ outputs
     def _backbone_output(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str) -> RadioOutput:
         summary = tokens[:, self.config.summary_idxs].flatten(1)
-        features = tokens[:, self.config.num_prefix_tokens:]
+        features = tokens[:, self.config.num_prefix_tokens :]
         return RadioOutput(summary, format_features(features, *grid, fmt))
 
     def _outputs(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str):
         backbone = self._backbone_output(tokens, grid, fmt)
         if not self.adaptor_specs:
             return backbone
-        patches = tokens[:, self.config.num_prefix_tokens:]
+        patches = tokens[:, self.config.num_prefix_tokens :]
         out = {"backbone": backbone}
         for spec in self.adaptor_specs:
             summary, features = self.adaptors[spec.name](tokens[:, spec.cls_index], patches, grid)

@@ -1,0 +1,156 @@
+"""Loading checkpoints in the NVlabs/RADIO layout (built here with the official key names and shapes)."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+
+from radio import AdaptorSpec, RadioConfig, RadioModel
+
+TEACHERS = [
+    dict(name="siglip2-g", type="siglip2", use_summary=True),
+    dict(name="dinov3", type="dino", use_summary=True),
+    dict(name="sam3", type="sam", use_summary=False, fd_upsample_factor=2),
+]
+
+
+def source_model(final_norm=True, seed=0) -> RadioModel:
+    torch.manual_seed(seed)
+    specs = [
+        AdaptorSpec("siglip2-g", summary_dim=24, feature_dim=20, hidden_dim=40, num_inner=1),
+        AdaptorSpec("dinov3", summary_dim=16, feature_dim=12, head="attn", hidden_dim=40, num_inner=2),
+        AdaptorSpec("sam3", summary_dim=8, feature_dim=6, hidden_dim=40, upsample_factor=2, num_inner=0),
+    ]
+    model = RadioModel(RadioConfig.preset("tiny", final_norm=final_norm, cpe_max_size=512), specs).eval()
+    with torch.no_grad():  # non-trivial norms and LayerScales, so a mix-up would show
+        for name, p in model.named_parameters():
+            if "norm" in name or "gamma" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def official_backbone(model: RadioModel) -> dict:
+    """Our weights under the timm / ViTPatchGenerator names the public checkpoints use."""
+    sd = model.state_dict()
+    out = {
+        "patch_generator.embedder.weight": sd["patch_embed.proj.weight"],
+        "patch_generator.pos_embed": sd["cpe.pos_embed"],
+        "patch_generator.cls_token.token": sd["prefix_tokens"],
+    }
+    out.update({k: v for k, v in sd.items() if k.startswith("blocks.") or k.startswith("norm.")})
+    return out
+
+
+def heads(model: RadioModel, name: str, which: str) -> dict:
+    prefix = f"adaptors.{name}.{which}."
+    return {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def training_layout(model: RadioModel) -> dict:
+    sd = {f"base_model.{k}": v for k, v in official_backbone(model).items()}
+    sd["input_conditioner.norm_mean"] = model.input_norm.mean.clone()
+    sd["input_conditioner.norm_std"] = model.input_norm.std.clone()
+    for i, t in enumerate(TEACHERS):
+        # Heads are stored by teacher index in some releases and by name in others: use both.
+        key = str(i) if i != 1 else t["name"]
+        sd.update({f"_heads.{key}.{k}": v for k, v in heads(model, t["name"], "summary_head").items()})
+        sd.update({f"_feature_projections.{key}.{k}": v for k, v in heads(model, t["name"], "feature_head").items()})
+    return sd
+
+
+def wrapper_layout(model: RadioModel) -> dict:
+    sd = {f"radio_model.model.{k}": v for k, v in official_backbone(model).items()}
+    sd["radio_model.input_conditioner.norm_mean"] = model.input_norm.mean.clone()
+    sd["radio_model.input_conditioner.norm_std"] = model.input_norm.std.clone()
+    sd["radio_model.summary_idxs"] = torch.tensor([0, 1])
+    for t in TEACHERS:
+        sd.update(
+            {
+                f"radio_model.adaptors.{t['name']}.head_mlp.{k}": v
+                for k, v in heads(model, t["name"], "summary_head").items()
+            }
+        )
+        sd.update(
+            {
+                f"radio_model.adaptors.{t['name']}.feat_mlp.{k}": v
+                for k, v in heads(model, t["name"], "feature_head").items()
+            }
+        )
+    return sd
+
+
+def args(**changes):
+    fields = dict(
+        model="vit_custom_patch16",
+        model_kwargs=dict(num_heads=3),
+        teachers=TEACHERS,
+        cpe_max_size=512,
+        cls_token_per_teacher=True,
+        register_multiple=10,
+        mlp_version="v2",
+        spatial_mlp_version="attn",
+    )
+    return Namespace(**{**fields, **changes})
+
+
+def assert_same_outputs(a: RadioModel, b: RadioModel, hw=(64, 96)):
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert list(ya) == list(yb)
+    for name in ya:
+        torch.testing.assert_close(yb[name].features, ya[name].features, msg=name)
+        if ya[name].summary is not None:
+            torch.testing.assert_close(yb[name].summary, ya[name].summary, msg=name)
+
+
+def test_training_layout_file_prefers_ema(tmp_path):
+    model = source_model()
+    garbage = {k: torch.randn_like(v.float()) for k, v in training_layout(source_model(seed=7)).items()}
+    path = tmp_path / "c-radio_v4-tiny.pth.tar"
+    torch.save(dict(args=args(), state_dict=garbage, state_dict_ema=training_layout(model)), path)
+    loaded = RadioModel.from_radio_checkpoint(path)
+    cfg = loaded.config
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.hidden_dim, cfg.patch_size) == (48, 4, 3, 96, 16)
+    assert (cfg.num_cls_tokens, cfg.num_registers, cfg.summary_idxs, cfg.cpe_max_size) == (3, 7, [0, 1], 512)
+    assert cfg.qkv_bias and cfg.layer_scale is not None and cfg.final_norm
+    specs = {s.name: s for s in loaded.adaptor_specs}
+    assert specs["dinov3"].head == "attn" and specs["dinov3"].num_inner == 2 and specs["dinov3"].cls_index == 1
+    assert specs["sam3"].upsample_factor == 2 and specs["sam3"].feature_dim == 6 and specs["sam3"].cls_index == 2
+    assert not loaded.training
+    assert_same_outputs(model, loaded)
+
+
+def test_wrapper_layout_without_final_norm_in_half_precision():
+    model = source_model(final_norm=False)
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in wrapper_layout(model).items()}
+    loaded = RadioModel.from_radio_checkpoint(dict(args=vars(args()), state_dict=sd))
+    assert loaded.config.final_norm is False and "norm.weight" not in loaded.state_dict()
+    with torch.no_grad():  # compare against the same weights rounded to half
+        for t in model.state_dict().values():
+            t.copy_(t.half().float())
+    assert_same_outputs(model, loaded)
+
+
+def test_adaptor_selection_window_mode_and_errors():
+    model = source_model()
+    chk = dict(args=args(), state_dict=training_layout(model))
+    backbone_only = RadioModel.from_radio_checkpoint(chk, adaptor_names=[], window_size=2)
+    assert backbone_only.adaptor_specs == [] and backbone_only.min_resolution_step == 32
+    one = RadioModel.from_radio_checkpoint(chk, adaptor_names=["sam3"])
+    assert list(one.adaptors) == ["sam3"]
+    with pytest.raises(ValueError, match="adaptor_names"):
+        RadioModel.from_radio_checkpoint(chk, adaptor_names=["clip"])
+    with pytest.raises(ValueError, match="args"):
+        RadioModel.from_radio_checkpoint(dict(state_dict=chk["state_dict"]))
+    bad = dict(
+        chk, state_dict={**chk["state_dict"], "base_model.patch_generator.patch_normalizer.weight": torch.ones(48)}
+    )
+    with pytest.raises(ValueError, match="patch_normalizer"):
+        RadioModel.from_radio_checkpoint(bad)
+    with pytest.raises(ValueError, match="RADIO checkpoint"):
+        RadioModel.from_radio_checkpoint(dict(args=args(), state_dict={"foo.weight": torch.ones(1)}))
+    heads_unknown = dict(chk, args=args(model="vit_strange", model_kwargs={}))
+    with pytest.raises(ValueError, match="num_heads"):
+        RadioModel.from_radio_checkpoint(heads_unknown)
+    assert RadioModel.from_radio_checkpoint(heads_unknown, num_heads=3).config.num_heads == 3
