@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Squared norms below this are treated as zero: x^ = x / max(||x||, 1e-12), and the
-# half-chord lengths are clamped before the sqrt so their gradient is 0, not inf, at 0.
+# Chord lengths ||x^ -+ y^||^2 below this are clamped before the sqrt, so their gradient is 0,
+# not inf, at 0 (parallel / antiparallel rows).
 _TINY = 1e-24
+# Rows whose largest |entry| is below the smallest normal float32 count as zero vectors.
+_FLT_MIN = 2.0**-126
 
 
 def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -83,16 +85,29 @@ def mesa_loss(student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor | No
 # ----------------------------------------------------------------------------------------
 # Angular (balanced) summary loss
 # ----------------------------------------------------------------------------------------
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| along the last dim, finite for any norm; zero rows map to 0 with zero gradient.
+
+    Each row is first divided by its (detached) largest |entry|, which leaves x / ||x|| and its
+    gradient unchanged but keeps the sum of squares in [1, C]: no overflow for huge rows, no
+    underflow for tiny ones. Rows with max |x| < 2**-126 are treated as the zero vector.
+    """
+    a = x.detach().abs().amax(-1, keepdim=True)
+    nonzero = a >= _FLT_MIN
+    u = x / torch.where(nonzero, a, torch.ones_like(a))
+    n2 = u.square().sum(-1, keepdim=True)
+    return torch.where(nonzero, u * torch.rsqrt(torch.where(nonzero, n2, torch.ones_like(n2))), 0.0)
+
+
 def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Row-wise angle in [0, pi] between x and y (..., C), finite with finite gradients.
 
-    Theta = 2 atan2(||x^ - y^||, ||x^ + y^||). Both chords are clamped away from 0 before the
-    square root, so parallel rows (Theta = 0) and antiparallel rows (Theta = pi) get a zero
-    gradient through the vanishing chord instead of 0 * inf. A zero row is treated as the
-    zero vector (x^ = 0), giving Theta = pi / 2.
+    Theta = 2 atan2(||x^ - y^||, ||x^ + y^||) on unit rows (see ``unit_rows``). Both chords are
+    clamped away from 0 before the square root, so parallel rows (Theta = 0) and antiparallel
+    rows (Theta = pi) get a zero gradient through the vanishing chord instead of 0 * inf. A zero
+    row is the zero vector (x^ = 0, zero gradient), giving Theta = pi / 2.
     """
-    x_hat = x * torch.rsqrt(x.square().sum(-1, keepdim=True).clamp(min=_TINY))
-    y_hat = y * torch.rsqrt(y.square().sum(-1, keepdim=True).clamp(min=_TINY))
+    x_hat, y_hat = unit_rows(x), unit_rows(y)
     minus = (x_hat - y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
     plus = (x_hat + y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
     return 2 * torch.atan2(minus, plus)
@@ -106,8 +121,7 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion: torch.Tensor | fl
 
 def mean_direction(y: torch.Tensor) -> torch.Tensor:
     """mu = E[y] / ||E[y]|| over the rows of y (B, C)."""
-    m = y.mean(0)
-    return m * torch.rsqrt(m.square().sum().clamp(min=_TINY))
+    return unit_rows(y.mean(0))
 
 
 def angular_dispersion(y: torch.Tensor) -> torch.Tensor:
@@ -207,4 +221,5 @@ __all__ = [
     "mesa_loss",
     "overlap_bounds",
     "shifted_mse",
+    "unit_rows",
 ]
