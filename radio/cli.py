@@ -1,0 +1,164 @@
+"""The ``radio`` command line: ``radio train ...``, ``radio export ...`` (and more subcommands).
+
+Subcommands live in a registry: ``register_subcommand(name, help, add_arguments, run)`` adds one
+(``add_arguments(parser)`` declares its options, ``run(args) -> int`` executes it). Errors in the
+user's input (bad config key, missing folder, ...) print one clear message and exit with status 2
+(``RADIO_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["SUBCOMMANDS", "main", "register_subcommand"]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add (or replace) the subcommand ``radio <name>``."""
+    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
+
+
+# ----------------------------------------------------------------------------------------------
+# radio train
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config over the defaults (see --list-keys)")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "c-radiov4"],
+        default=None,
+        help="start from a preset: tiny (the default demo) or c-radiov4 (real-scale recipe)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optim.lr=1e-3 --set data.image_dir=/data/images",
+    )
+    p.add_argument("--steps", type=int, help="schedule length in optimizer steps (run.steps)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="K",
+        help="end after step K as an interruption would (a checkpoint is written)",
+    )
+    p.add_argument("--out", metavar="DIR", help="run directory (run.out); an existing run gets a -N suffix")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR to its --steps")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="run.device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list-keys", action="store_true", help="print every config key --set accepts and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from radio.train import TrainConfig, apply_overrides, load_config, load_run_config, train, valid_keys
+    from radio.train.config import to_toml
+
+    if args.list_keys:
+        print("\n".join(valid_keys()))
+        return 0
+    if args.resume:
+        if args.config or args.preset or args.out:
+            raise ValueError("--resume DIR continues that run with its own config; drop --config/--preset/--out")
+        cfg = load_run_config(args.resume)
+        cfg.run.out = args.resume
+    else:
+        cfg = TrainConfig.preset(args.preset or "tiny")
+        if args.config:
+            cfg = load_config(args.config, base=cfg)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    if args.out is not None:
+        overrides.append(f"run.out={args.out!r}")
+    if args.device is not None:
+        overrides.append(f"run.device={args.device!r}")
+    cfg = apply_overrides(cfg, overrides)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    result = train(cfg, resume=bool(args.resume), stop_after=args.stop_after, progress=not args.no_progress)
+    fidelity = result.get("fidelity")
+    if fidelity and not fidelity.get("improved", True):
+        print("warning: fidelity did not improve for every teacher", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# radio export
+# ----------------------------------------------------------------------------------------------
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory written by radio train")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder for RadioModel.from_pretrained")
+    p.add_argument("--no-ema", action="store_true", help="export the raw student weights instead of the EMA")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from radio.train import export_run
+
+    path = export_run(args.run, args.out, use_ema=not args.no_ema)
+    print(f"exported {'student' if args.no_ema else 'EMA'} weights of {path} to {args.out}")
+    return 0
+
+
+register_subcommand("train", "distil a student from its teachers (METHOD.md §4)", _train_arguments, _train)
+register_subcommand(
+    "export", "write a run's EMA student as a RadioModel.from_pretrained folder", _export_arguments, _export
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radio", description="C-RADIO-style agglomerative distillation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if os.environ.get("RADIO_DEBUG"):
+            raise
+        print(f"radio {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

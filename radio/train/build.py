@@ -1,0 +1,74 @@
+"""Building blocks of a run: the student with its adaptors, AdamW, the LR schedule, the EMA update."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from radio.model import AdaptorSpec, RadioConfig, RadioModel
+
+from .config import OptimConfig, TrainConfig
+from .teaching import TeacherSlot
+
+__all__ = ["build_optimizer", "build_student", "lr_factor", "update_ema"]
+
+
+def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
+    """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher.
+
+    Teacher i's summary head reads CLS token i; teachers without a summary (or with summary
+    weight 0) get no summary head.
+    """
+    config = RadioConfig.preset(cfg.student.preset, **cfg.student.model)
+    if len(slots) > config.num_cls_tokens:
+        raise ValueError(
+            f"{len(slots)} teachers need as many CLS tokens; set student.model.num_cls_tokens >= {len(slots)} "
+            f"(the preset has {config.num_cls_tokens})"
+        )
+    adaptors = [
+        AdaptorSpec(
+            name=name,
+            summary_dim=slot.teacher.summary_dim if slot.has_summary else None,
+            feature_dim=slot.teacher.feature_dim,
+            head=slot.cfg.head,
+            cls_index=i,
+        )
+        for i, (name, slot) in enumerate(slots.items())
+    ]
+    return RadioModel(config, adaptors)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, position table and prefix tokens (1-d or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "pos_embed" in name or "prefix_tokens" in name
+        (no_decay if skip else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    t = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)

@@ -1,0 +1,31 @@
+"""``radio export``: a run's EMA weights as a ``RadioModel.from_pretrained`` folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from radio.model import AdaptorSpec, RadioConfig, RadioModel
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+
+__all__ = ["export_run"]
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True) -> Path:
+    """Write the latest checkpoint's EMA student (with its adaptor heads) to ``out_dir``.
+
+    Returns the checkpoint file used.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise ValueError(
+            f"run directory {str(run_dir)!r} has no checkpoints (expected {run_dir}/checkpoints/step_*.pt)"
+        )
+    state = load_checkpoint(path)
+    model = RadioModel(
+        RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
+    )
+    model.load_state_dict(state["ema" if use_ema else "student"])
+    model.save_pretrained(out_dir)
+    return path

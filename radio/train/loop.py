@@ -1,0 +1,384 @@
+"""The training loop, top to bottom: setup, resume, steps, checkpoints, fidelity.
+
+    teachers, student, EMA copy, AdamW + warmup/cosine, step-indexed data
+    for step in [start, stop):
+        for each of accum_steps micro-batches:
+            losses = radio.train.step.micro_step_losses(...)   # teachers -> PHI-S -> losses
+            backward(objective / accum_steps)
+        clip gradients; AdamW step; LR step; EMA update
+        log metrics.jsonl; checkpoint every N steps (atomic, keep last K)
+    checkpoint; loss.png; fidelity before/after (held-out crops) -> fidelity.json
+
+A run directory holds config.toml, metrics.jsonl, checkpoints/, loss.png and fidelity.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .align import ViewPlan
+from .build import build_optimizer, build_student, lr_factor, update_ema
+from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_to_dict, load_config, save_config
+from .damp import damp_sigma, linear_weight_names
+from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
+from .distributed import DistInfo, all_reduce_sum, setup
+from .fidelity import fidelity_batches, measure_fidelity
+from .plots import plot_losses
+from .step import StepModels, micro_step_losses
+from .teaching import build_teachers, plan_all_views, plan_for
+
+__all__ = ["load_run_config", "train"]
+
+INITIAL_WEIGHTS = "initial_student.pt"
+
+
+def _device(choice: str, info: DistInfo) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device='cuda' but no CUDA device is available")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _fresh_run_dir(out: str, info: DistInfo) -> Path:
+    """``out``, or ``out-1``, ``out-2``, ... when ``out`` already holds a run (never overwrite one)."""
+    path = Path(out)
+    if info.is_main:
+        k = 0
+        while (path / "config.toml").exists() or (path / "checkpoints").exists():
+            k += 1
+            path = Path(f"{out}-{k}")
+        path.mkdir(parents=True, exist_ok=True)
+    if info.enabled:
+        holder = [str(path)]
+        dist.broadcast_object_list(holder, src=0)
+        path = Path(holder[0])
+    return path
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (the run died after logging them)."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Run ``cfg`` (or, with ``resume=True``, continue the run in ``cfg.run.out``) to ``cfg.run.steps``.
+
+    ``stop_after``: end after that step as an interruption would (a checkpoint is written, no
+    fidelity). Returns {"run_dir", "step", "fidelity" (None unless the run completed), "skipped_images"}.
+    """
+    cfg.validate()
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1, got {stop_after}")
+    was_initialised = dist.is_available() and dist.is_initialized()
+    wanted = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    info = setup(wanted)
+    device = _device(cfg.run.device, info)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    started = time.perf_counter()
+
+    # ---------------------------------------------------------------- run directory and resume point
+    if resume:
+        run_dir = Path(cfg.run.out)
+        ckpt_path = latest_checkpoint(run_dir)
+        if ckpt_path is None:
+            raise ValueError(f"--resume {str(run_dir)!r}: no checkpoint found in {run_dir}/checkpoints")
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+    else:
+        run_dir, state = _fresh_run_dir(cfg.run.out, info), None
+        cfg.run.out = str(run_dir)
+
+    # ---------------------------------------------------------------- models
+    torch.manual_seed(cfg.run.seed)  # student initialisation
+    slots = build_teachers(cfg, device)
+    raw = build_student(cfg, slots).to(device)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    plans, geometry = plan_all_views(cfg, slots, raw.patch_size, raw.min_resolution_step)
+
+    # ---------------------------------------------------------------- optimisation
+    optimizer = build_optimizer(raw, cfg.optim)
+    total = cfg.run.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
+    # Own random streams (saved in checkpoints): CPE augmentation per rank, DAMP noise shared by all ranks.
+    generators = {
+        "cpe": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 17 + info.rank),
+        "damp": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 29),
+    }
+    amp_dtype = _amp_dtype(cfg.run.amp, device)
+    accum = cfg.optim.accum_steps
+
+    # ---------------------------------------------------------------- restore or initialise
+    start, skipped = 0, set()
+    if state is not None:
+        raw.load_state_dict(state["student"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for name, slot in slots.items():
+            slot.load_state(state["teachers"][name])
+        rng = state["rng"]
+        per_rank = rng["per_rank"] if len(rng["per_rank"]) == info.world_size else None
+        if per_rank is None and info.is_main:
+            log(f"resuming with {info.world_size} ranks from a {len(rng['per_rank'])}-rank run: RNG streams reseeded")
+        if per_rank is not None:
+            _set_rng_state(per_rank[info.rank], generators)
+        start, skipped = state["step"], set(state["data"]["skipped"])
+        if info.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    elif info.is_main:
+        save_config(cfg, run_dir / "config.toml")
+        if cfg.fidelity.enabled:
+            atomic_save(raw.state_dict(), run_dir / "checkpoints" / INITIAL_WEIGHTS)
+
+    stop = total if stop_after is None else min(total, stop_after)
+    ddp = None
+    student = raw
+    if info.enabled:
+        student = ddp = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.run.compile:
+        student = torch.compile(student)
+    raw.train()
+    if not cfg.student.cpe_augmentation:
+        raw.cpe.eval()  # inference-time CPE: no random table crops, no position dropout
+    models = StepModels(student, raw, ema, slots, linear_weight_names(student))
+
+    # ---------------------------------------------------------------- data
+    source = ImageSource.from_config(cfg.data.image_dir)
+    train_images, held_images = split_holdout(source, cfg.data.holdout)
+    d = cfg.data
+    dataset = ViewDataset(
+        train_images, geometry, raw.patch_size, cfg.run.seed, d.crop_scale, d.shift_std, d.max_shift, d.min_image_side
+    )
+    sampler = StepSampler(
+        len(train_images),
+        d.batch_size,
+        d.low_resolutions,
+        d.high_resolutions,
+        d.high_prob,
+        cfg.run.seed,
+        start=start * accum,
+        stop=stop * accum,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    batches = iter(make_loader(dataset, sampler, d.num_workers))
+
+    # ---------------------------------------------------------------- the loop
+    if info.is_main:
+        log(f"run directory: {run_dir}  (steps {start} -> {stop} of {total}, device {device}, ranks {info.world_size})")
+    bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    last_saved = start if state is not None else -1
+    step_time = time.perf_counter()
+    for step in range(start, stop):
+        sigma = damp_sigma(cfg.damp.sigma, cfg.damp.schedule, step, total)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        for micro in range(accum):
+            batch = next(batches)
+            skipped.update(batch.skipped)
+            no_sync = info.enabled and micro < accum - 1
+            with ddp.no_sync() if no_sync else nullcontext():
+                objective, parts = micro_step_losses(
+                    batch,
+                    models,
+                    plans[(batch.partition, batch.resolution)],
+                    mesa_weight=cfg.loss.mesa_weight,
+                    backend=cfg.loss.backend,
+                    device=device,
+                    amp_dtype=amp_dtype,
+                    sigma=sigma,
+                    damp_generator=generators["damp"],
+                    cpe_generator=generators["cpe"] if cfg.student.cpe_augmentation else None,
+                    world_size=info.world_size,
+                )
+                (objective / accum).backward()
+            for k, v in parts.items():
+                totals[k] += v / accum
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        update_ema(ema, raw, cfg.loss.ema_decay)
+
+        # ------------------------------------------------------------ metrics (summed over ranks)
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == stop:
+            keys = sorted(totals)
+            values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
+            now = time.perf_counter()
+            images_per_s = accum * d.batch_size / max(now - step_time, 1e-9)
+            record = {"step": done, "lr": lr, **dict(zip(keys, values))}
+            record |= {
+                "grad_norm": float(grad_norm),
+                "damp_sigma": sigma,
+                "resolution": batch.resolution,
+                "images_per_s": images_per_s,
+                "skipped_images": len(skipped),
+            }
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}", res=batch.resolution)
+        step_time = time.perf_counter()
+        bar.update(1)
+
+        if done % cfg.run.checkpoint_every == 0 or done == stop:
+            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+            last_saved = done
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
+        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+
+    # ---------------------------------------------------------------- the end: plots, fidelity
+    result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
+    if info.is_main:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        if skipped:
+            log(f"skipped {len(skipped)} unreadable or too small image(s)")
+        if stop == total and cfg.fidelity.enabled:
+            result["fidelity"] = _fidelity(cfg, run_dir, raw, ema, slots, held_images, device, log)
+        log(f"done in {time.perf_counter() - started:.1f} s: {run_dir}")
+    if info.enabled and not was_initialised:
+        dist.destroy_process_group()
+    return result
+
+
+def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info) -> None:
+    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+    rng = _rng_state(generators)
+    per_rank = [rng]
+    if info.enabled:
+        per_rank = [None] * info.world_size
+        dist.all_gather_object(per_rank, rng)
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, sorted(skipped))
+        skipped = set().union(*gathered)
+    if not info.is_main:
+        return
+    state = {
+        "step": step,
+        "config": config_to_dict(cfg),
+        "model_config": raw.config.to_dict(),
+        "adaptors": [spec.to_dict() for spec in raw.adaptor_specs],
+        "student": raw.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "teachers": {name: slot.state() for name, slot in slots.items()},
+        "rng": {"per_rank": per_rank},
+        "data": {"skipped": sorted(skipped)},
+    }
+    save_checkpoint(run_dir, step, state, cfg.run.keep_last)
+
+
+def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: ImageSource, device, log) -> dict:
+    """Fidelity of the initial and the final student (and the EMA) on held-out crops -> fidelity.json."""
+    if len(held_images) == 0:
+        log("fidelity: data.holdout = 0, nothing held out; skipped")
+        return {}
+    f = cfg.fidelity
+    plans: dict[str, ViewPlan] = {
+        name: plan_for(slot.teacher, slot.cfg, f.resolution, raw.patch_size, high=False) for name, slot in slots.items()
+    }
+    batches = fidelity_batches(
+        held_images,
+        plans,
+        f.resolution,
+        raw.patch_size,
+        f.crops_per_image,
+        f.seed,
+        cfg.data.crop_scale,
+        cfg.data.min_image_side,
+    )
+    initial = copy.deepcopy(raw)
+    initial.load_state_dict(load_checkpoint(run_dir / "checkpoints" / INITIAL_WEIGHTS, map_location=device))
+    was_training = raw.training
+    scores = measure_fidelity({"before": initial, "after": raw, "ema": ema}, slots, plans, batches, device)
+    raw.train(was_training)
+    report = {
+        "resolution": f.resolution,
+        "held_out_images": [held_images.name(i) for i in range(len(held_images))],
+        "crops": len(batches) * len(held_images),
+        "teachers": {name: {label: scores[label][name] for label in ("before", "after", "ema")} for name in slots},
+    }
+    report["improved"] = all(
+        t["after"]["spatial"] > t["before"]["spatial"]
+        and (t["after"]["summary"] is None or t["after"]["summary"] > t["before"]["summary"])
+        for t in report["teachers"].values()
+    )
+    with open(run_dir / "fidelity.json", "w") as fh:
+        json.dump(report, fh, indent=2)
+    log("fidelity (mean cosine similarity to the PHI-S-normalised teacher on held-out crops):")
+    log(f"  {'teacher':<10} {'spatial before':>15} {'after':>8} {'summary before':>15} {'after':>8}")
+    for name, t in report["teachers"].items():
+        b, a = t["before"], t["after"]
+        sb = "-" if b["summary"] is None else f"{b['summary']:.3f}"
+        sa = "-" if a["summary"] is None else f"{a['summary']:.3f}"
+        log(f"  {name:<10} {b['spatial']:>15.3f} {a['spatial']:>8.3f} {sb:>15} {sa:>8}")
+    log(f"  improved for every teacher: {report['improved']}")
+    return report
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The resolved config a run wrote (for --resume and export)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory (no config.toml)")
+    return load_config(path)

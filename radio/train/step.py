@@ -1,0 +1,151 @@
+"""The losses of one micro-batch (METHOD.md §4), every one through ``radio_kernels``.
+
+For each teacher t (views planned by radio.train.align)::
+
+    y_t       = PHI-S_t(teacher_t(view_t))                       running normaliser, updated first
+    spatial_t = shifted_mse(F_{S->t}(adaptor_t features), y_t, shift_t)     Eq. 1
+    summary_t = angular_loss(adaptor_t summary, teacher_t summary, Disp_t)  Eqs. 3-7 (if it has one)
+    mesa      = mesa_loss(student backbone features, EMA backbone features on its own crop, shift_ema)
+    loss      = sum_t (w_spatial_t spatial_t + w_summary_t summary_t) + w_mesa mesa
+
+Data parallel: a rank's spatial/MESA loss is a mean over its own overlap cells; it is weighted by
+``local |Omega| / global |Omega|`` so that the sum over ranks is the mean over the global batch
+(see radio.train.distributed). ``contributions`` are these per-rank shares: summed over ranks they
+give the logged (global) values; the returned ``objective`` is ``world_size * sum(weights *
+contributions)``, whose DDP-averaged gradient is the gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from radio_kernels import angular_loss, mesa_loss, shifted_mse
+
+from .align import ViewPlan, overlap_count, teacher_shift, to_teacher_grid
+from .damp import damp_forward
+from .data import STUDENT, Batch
+from .distributed import all_reduce_sum
+from .teaching import TeacherSlot, run_teacher
+
+__all__ = ["StepModels", "Target", "micro_step_losses", "teacher_targets"]
+
+
+@dataclass
+class Target:
+    """One teacher's normalised features y (B, T, T, C), summary (B, Cs) | None, and shift (B, 2)."""
+
+    features: torch.Tensor
+    summary: torch.Tensor | None
+    shift: torch.Tensor
+    plan: ViewPlan
+
+
+@dataclass
+class StepModels:
+    """What a micro-step runs: ``student`` (maybe DDP / compiled) and the bare ``raw`` RadioModel,
+    the EMA copy, the teacher slots and the DAMP parameter names."""
+
+    student: nn.Module
+    raw: nn.Module
+    ema: nn.Module
+    slots: dict[str, TeacherSlot]
+    damp_names: list[str]
+
+
+@torch.no_grad()
+def teacher_targets(
+    batch: Batch, slots: dict[str, TeacherSlot], plans: dict[str, ViewPlan], patch: int, device, update: bool = True
+) -> dict[str, Target]:
+    """Run every teacher on its view; update (``update=True``) and apply its PHI-S and dispersion."""
+    targets = {}
+    student_origin = batch.origins[STUDENT]
+    for name, slot in slots.items():
+        plan = plans[name]
+        out = run_teacher(slot.teacher, batch.images(name, device), plan)
+        features = out.features.float()
+        if update:
+            slot.normalizer.update(features)
+        y = slot.normalizer(features)
+        shift = teacher_shift(student_origin, batch.origins[name], patch)
+        if plan.follows_student:
+            shift = torch.zeros_like(shift)
+        summary = out.summary.float() if (slot.has_summary and out.summary is not None) else None
+        if summary is not None and update:
+            slot.dispersion.update(summary)
+        targets[name] = Target(y, summary, shift.to(device), plan)
+    return targets
+
+
+def micro_step_losses(
+    batch: Batch,
+    models: StepModels,
+    plans: dict[str, ViewPlan],
+    *,
+    mesa_weight: float,
+    backend: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    sigma: float,
+    damp_generator: torch.Generator | None,
+    cpe_generator: torch.Generator | None,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch."""
+    patch = models.raw.patch_size
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    targets = teacher_targets(batch, models.slots, plans, patch, device)
+
+    x_student = batch.images(STUDENT, device)
+    x_ema = batch.images("ema", device)
+    grid = (x_student.shape[-2] // patch, x_student.shape[-1] // patch)
+    with autocast:
+        out = damp_forward(
+            models.student,
+            models.damp_names,
+            sigma,
+            damp_generator,
+            x_student,
+            feature_fmt="NHWC",
+            generator=cpe_generator,
+        )
+        with torch.no_grad():
+            tokens, ema_grid = models.ema.forward_features(x_ema)
+            p = models.ema.config.num_prefix_tokens
+            ema_features = tokens[:, p:].reshape(tokens.shape[0], *ema_grid, -1)
+    ema_shift = teacher_shift(batch.origins[STUDENT], batch.origins["ema"], patch).to(device)
+
+    # Each rank's share of the global overlap count, per spatial term (teachers, then MESA).
+    local = torch.stack(
+        [overlap_count(grid, t.features.shape[1:3], t.shift).sum() for t in targets.values()]
+        + [overlap_count(grid, grid, ema_shift).sum()]
+    ).to(torch.float64)
+    share = (local / all_reduce_sum(local.clone()).clamp(min=1)).float()
+
+    contributions: dict[str, torch.Tensor] = {}
+    objective = torch.zeros((), device=device)
+    for k, (name, target) in enumerate(targets.items()):
+        slot = models.slots[name]
+        student_out = out[name]
+        feats = to_teacher_grid(student_out.features, target.plan)
+        spatial = shifted_mse(feats, target.features, target.shift, backend=backend) * share[k]
+        if target.summary is not None:
+            summary = angular_loss(student_out.summary, target.summary, slot.dispersion.value, backend=backend)
+            summary = summary / world_size
+        elif student_out.summary is not None:
+            # A summary head without a target this step (e.g. a mosaic view): keep it in the graph
+            # with a zero loss, so DDP sees a gradient (of zeros) for every parameter.
+            summary = student_out.summary.float().sum() * 0.0
+        else:
+            summary = torch.zeros((), device=device)
+        contributions[f"loss/{name}/spatial"] = spatial.detach()
+        contributions[f"loss/{name}/summary"] = summary.detach()
+        objective = objective + slot.cfg.spatial_weight * spatial + slot.cfg.summary_weight * summary
+    mesa = mesa_loss(out["backbone"].features, ema_features, ema_shift, backend=backend) * share[-1]
+    contributions["loss/mesa"] = mesa.detach()
+    objective = objective + mesa_weight * mesa
+    contributions["loss"] = objective.detach()
+    return objective * world_size, contributions
