@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adaptors import Adaptor
-from .blocks import Block, init_vit_weights
+from .blocks import Attention, Block, init_vit_weights
 from .config import ATTENTION_BACKENDS, AdaptorSpec, RadioConfig
 from .cpe import PositionEmbedding
 from .embed import InputNormalizer, PatchEmbed
@@ -75,7 +75,7 @@ class RadioModel(nn.Module):
         super().__init__()
         if not isinstance(config, RadioConfig):
             raise TypeError(f"config must be a RadioConfig, got {type(config).__name__}")
-        config.validate()
+        config = config.replace()  # a private, validated copy: set_attention_backend edits it
         self.config = config
         D = config.embed_dim
         self.input_norm = InputNormalizer()
@@ -183,7 +183,7 @@ class RadioModel(nn.Module):
             raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.config.attention_backend = backend
         for module in self.modules():
-            if hasattr(module, "backend") and hasattr(module, "qkv"):
+            if isinstance(module, Attention):
                 module.backend = backend
 
     # ------------------------------------------------------------------ input checks

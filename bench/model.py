@@ -1,0 +1,209 @@
+"""Student-model inference latency against resolution: global attention vs ViTDet windows.
+
+For one preset (default ViT-B) and batch 1, times ``RadioModel.forward`` at square resolutions for
+global attention and for window sizes 8 and 16 (official "skip" prefix semantics, default schedule of
+4 global blocks), on every requested attention backend. Global attention costs O(N^2) in the token
+count N = (res / 16)^2, windowed blocks O(N * w^2), so windowed latency grows far slower.
+
+    python -m bench.model --device cpu            # CPU, PyTorch backend, 256..1024 px (~1-2 min)
+    python -m bench.model --device cpu --quick    # smoke run: 256 px only, a few seconds
+    python -m bench.model --device cuda           # GPU: 256..2048 px, bf16, backends torch + triton
+
+Writes ``bench/results/model_<date>_<device>.{csv,md,png}``; the table and plot show the best of the
+timed runs (robust on a shared machine), the CSV also the median. A backend that is not available yet
+(the Triton attention kernel raises NotImplementedError until it lands) is reported as n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from radio import RadioConfig, RadioModel
+
+MODES = {"global": None, "window 8": 8, "window 16": 16}
+CPU_RESOLUTIONS = (256, 512, 768, 1024)
+CPU_QUICK_RESOLUTIONS = (256,)
+GPU_RESOLUTIONS = (256, 512, 768, 1024, 1536, 2048)
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu{os.cpu_count()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(model: RadioModel, x: torch.Tensor) -> float:
+    """Milliseconds for one forward pass (inference mode; bf16 autocast when x is bf16)."""
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+        _sync(x.device)
+        start = time.perf_counter()
+        model(x)
+        _sync(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: int, dtype: torch.dtype):
+    """One result dict per (backend, mode, resolution).
+
+    Passes are interleaved (for each resolution and round: every backend and mode once), so a load
+    spike on a shared machine hits all variants alike instead of one whole curve.
+    """
+    dev = torch.device(device)
+    models = {}
+    for mode, window in MODES.items():
+        torch.manual_seed(0)  # the same weights in every variant
+        models[mode] = RadioModel(RadioConfig.preset(preset, window_size=window)).eval().to(dev)
+    variants = [(b, m) for b in backends for m in MODES]
+    unavailable: set[str] = set()
+    rows = []
+    for k, res in enumerate(resolutions):
+        x = torch.rand(1, 3, res, res, device=dev).to(dtype)
+        times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+        # One extra untimed round at the first size pays one-off costs (allocator, kernel autotuning).
+        for round_ in range(warmup + repeats + (k == 0)):
+            for backend, mode in variants:
+                if backend in unavailable:
+                    continue
+                models[mode].set_attention_backend(backend)
+                try:
+                    ms = time_once(models[mode], x)
+                except NotImplementedError as err:
+                    unavailable.add(backend)
+                    print(f"  {backend} unavailable: {err}", file=sys.stderr)
+                    continue
+                if round_ >= warmup + (k == 0):
+                    times[backend, mode].append(ms)
+        for (backend, mode), ts in times.items():
+            row = dict(
+                preset=preset,
+                device=device,
+                backend=backend,
+                mode=mode,
+                resolution=res,
+                tokens=(res // models[mode].patch_size) ** 2,
+                dtype=str(dtype).replace("torch.", ""),
+                ms_median=statistics.median(ts) if ts else float("nan"),
+                ms_min=min(ts) if ts else float("nan"),
+                repeats=len(ts),
+            )
+            print(f"  {backend:6s} {mode:9s} {res:5d}px  {row['ms_min']:10.1f} ms", file=sys.stderr)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    columns = [(b, m) for b in dict.fromkeys(r["backend"] for r in rows) for m in MODES]
+    by_key = {(r["backend"], r["mode"], r["resolution"]): r["ms_min"] for r in rows}
+    resolutions = sorted({r["resolution"] for r in rows})
+    header = ["resolution", "tokens"] + [f"{b} {m} (ms)" for b, m in columns]
+    title += f" - best of {max(r['repeats'] for r in rows)} runs"
+    header += [f"{b} global / window 8" for b in dict.fromkeys(c[0] for c in columns)]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for res in resolutions:
+        cells = [f"{res}", f"{(res // 16) ** 2}"]
+        cells += [_fmt(by_key.get((b, m, res))) for b, m in columns]
+        for b in dict.fromkeys(c[0] for c in columns):
+            g, w = by_key.get((b, "global", res)), by_key.get((b, "window 8", res))
+            cells.append(f"{g / w:.2f}x" if g == g and w == w and g and w else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(ms) -> str:
+    return "n/a" if ms is None or ms != ms else f"{ms:.1f}"
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        for mode in MODES:
+            pts = [
+                (r["resolution"], r["ms_min"])
+                for r in rows
+                if r["backend"] == backend and r["mode"] == mode and r["ms_min"] == r["ms_min"]
+            ]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{backend}, {mode}")
+    ax.set_xlabel("input resolution (px, square)")
+    ax.set_ylabel("latency per image (ms, best run)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="vit-b", choices=RadioConfig.preset_names())
+    p.add_argument("--resolutions", type=int, nargs="+", help="square sides, multiples of 256")
+    p.add_argument("--backends", nargs="+", choices=["torch", "triton"])
+    p.add_argument("--quick", action="store_true", help="smallest sizes only: a smoke run in seconds")
+    p.add_argument("--warmup", type=int, help="untimed passes per point (default: cuda 3, cpu 0)")
+    p.add_argument("--repeats", type=int, help="timed passes per point (default: cuda 10, cpu 2)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = p.parse_args(argv)
+
+    cuda = a.device.startswith("cuda")
+    if a.resolutions:
+        bad = [r for r in a.resolutions if r % 256 or r <= 0]
+        if bad:
+            p.error(f"--resolutions must be positive multiples of 256 (window 16 x patch 16), got {bad}")
+    resolutions = a.resolutions or (
+        GPU_RESOLUTIONS[:2]
+        if cuda and a.quick
+        else GPU_RESOLUTIONS
+        if cuda
+        else CPU_QUICK_RESOLUTIONS
+        if a.quick
+        else CPU_RESOLUTIONS
+    )
+    backends = a.backends or (["torch", "triton"] if cuda else ["torch"])
+    warmup = a.warmup if a.warmup is not None else (3 if cuda else 0)
+    repeats = a.repeats if a.repeats is not None else (10 if cuda else 2)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype)
+    os.makedirs(a.out, exist_ok=True)
+    slug = device_slug(torch.device(a.device))
+    stem = os.path.join(a.out, f"model_{dt.date.today().isoformat()}_{slug}{'_quick' if a.quick else ''}")
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    title = f"RadioModel {a.preset} forward latency, batch 1, {rows[0]['dtype']}, {slug}"
+    table = markdown_table(rows, title)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    plot(rows, stem + ".png", title)
+    print(table)
+    print(f"wrote {stem}.csv, .md, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
