@@ -335,7 +335,7 @@ class ViewDataset(Dataset):
             raise RuntimeError(f"none of the {len(self.source)} images could be read (or all are too small)")
         geometry = self.geometry[(spec.partition, spec.resolution)]
         crops, origins = make_views(image, geometry, self.patch, rng, self.crop_scale, self.shift_std, self.max_shift)
-        views = {k: torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1) for k, v in crops.items()}
+        views = {k: torch.from_numpy(np.array(v, copy=True)).permute(2, 0, 1) for k, v in crops.items()}
         return spec, index, views, origins, skipped
 
 
@@ -351,7 +351,7 @@ class Batch:
     indices: torch.Tensor
     skipped: list[int] = field(default_factory=list)
 
-    def images(self, name: str, device, dtype=torch.float32) -> torch.Tensor:
+    def images(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """View ``name`` as floats in [0, 1] on ``device``."""
         return self.views[name].to(device, non_blocking=True).to(dtype) / 255.0
 

@@ -9,8 +9,11 @@ rank holds the same teacher normalisation.
 Exactness against one process on the same global batch: the spatial and MESA losses are means
 over the overlap Omega of each sample, so each rank's loss is re-weighted by its share of the
 global |Omega| (``radio.train.step``) and the DDP gradient average equals the single-process
-gradient. The only randomness that cannot match is the student's CPE augmentation (each rank
-draws its own crops of the position table), which ``student.cpe_augmentation = false`` switches off.
+gradient. Two things cannot match a single process exactly: the student's CPE augmentation (each
+rank draws its own crops of the position table; ``student.cpe_augmentation = false`` switches it
+off), and mosaics of a teacher with global attention (SAM3), whose features for a view depend on
+the views packed next to it. Views are packed in batch order, so the mosaics agree when the local
+batch is a multiple of the views per canvas; ``high_res_mode = "resize"`` gives one view per canvas.
 """
 
 from __future__ import annotations

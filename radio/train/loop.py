@@ -120,13 +120,24 @@ def train(
     cfg.validate()
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
+    threads = torch.get_num_threads()
+    try:
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        return _train(cfg, resume, stop_after, progress, log)
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: leave it as we found it
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
     was_initialised = dist.is_available() and dist.is_initialized()
     wanted = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = setup(wanted)
     device = _device(cfg.run.device, info)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     started = time.perf_counter()
+    # The images first: a bad folder should fail before anything is built or written.
+    source = ImageSource.from_config(cfg.data.image_dir)
+    train_images, held_images = split_holdout(source, cfg.data.holdout)
 
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
@@ -196,8 +207,6 @@ def train(
     models = StepModels(student, raw, ema, slots, linear_weight_names(student))
 
     # ---------------------------------------------------------------- data
-    source = ImageSource.from_config(cfg.data.image_dir)
-    train_images, held_images = split_holdout(source, cfg.data.holdout)
     d = cfg.data
     dataset = ViewDataset(
         train_images, geometry, raw.patch_size, cfg.run.seed, d.crop_scale, d.shift_std, d.max_shift, d.min_image_side

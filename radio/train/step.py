@@ -36,12 +36,14 @@ __all__ = ["StepModels", "Target", "micro_step_losses", "teacher_targets"]
 
 @dataclass
 class Target:
-    """One teacher's normalised features y (B, T, T, C), summary (B, Cs) | None, and shift (B, 2)."""
+    """One teacher's normalised features y (B, T, T, C), summary (B, Cs) | None, shift (B, 2), and
+    the features before normalisation (``raw``)."""
 
     features: torch.Tensor
     summary: torch.Tensor | None
     shift: torch.Tensor
     plan: ViewPlan
+    raw: torch.Tensor
 
 
 @dataclass
@@ -76,7 +78,7 @@ def teacher_targets(
         summary = out.summary.float() if (slot.has_summary and out.summary is not None) else None
         if summary is not None and update:
             slot.dispersion.update(summary)
-        targets[name] = Target(y, summary, shift.to(device), plan)
+        targets[name] = Target(y, summary, shift.to(device), plan, features)
     return targets
 
 

@@ -1,0 +1,233 @@
+"""The trainer end to end on tiny everything: run directory, resume equality, checkpoints, DAMP, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from radio import RadioModel
+from radio.train import TrainConfig, export_run, train
+from radio.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from radio.train.damp import damp_forward, damp_sigma, linear_weight_names
+from radio.train.plots import read_metrics
+
+
+def tiny_cfg(out, steps=4, **data) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.run.out = str(out)
+    cfg.run.steps = steps
+    cfg.run.checkpoint_every = 2
+    cfg.run.keep_last = 2
+    cfg.data.batch_size = 2
+    cfg.data.num_workers = 0
+    cfg.data.holdout = 2
+    cfg.data.low_resolutions = [32, 48]
+    cfg.data.high_resolutions = [64]
+    cfg.data.high_prob = 0.5
+    cfg.optim.warmup_steps = 1
+    cfg.fidelity.resolution = 48
+    cfg.fidelity.crops_per_image = 1
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+def _losses(run_dir):
+    return [
+        {k: v for k, v in r.items() if k.startswith("loss") or k in ("step", "lr")}
+        for r in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
+def test_end_to_end_run_writes_the_run_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", steps=4, num_workers=1)
+    cfg.damp.sigma = 0.05
+    result = train(cfg, progress=False, log=lambda *a: None)
+    run = tmp_path / "run"
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "fidelity.json"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        per_teacher = [f"loss/{t}/{term}" for t in ("siglip2", "dinov3", "sam3") for term in ("spatial", "summary")]
+        for key in ("loss", "lr", "loss/mesa", *per_teacher):
+            assert key in r and r[key] == r[key], key  # present and not NaN
+        assert r["loss/sam3/summary"] == 0.0  # SAM3 has no summary
+        assert r["loss"] > 0
+    assert records[0]["damp_sigma"] == pytest.approx(0.05) and records[-1]["damp_sigma"] < 0.05
+    # keep_last=2 with checkpoints at steps 2 and 4
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    fidelity = json.loads((run / "fidelity.json").read_text())
+    assert set(fidelity["teachers"]) == {"siglip2", "dinov3", "sam3"}
+    for scores in fidelity["teachers"].values():
+        assert -1 <= scores["before"]["spatial"] <= 1 and -1 <= scores["after"]["spatial"] <= 1
+    assert result["fidelity"] == fidelity and result["step"] == 4
+
+
+def test_stop_and_resume_logs_the_same_losses(tmp_path):
+    """A run stopped after step 3 and resumed equals an uninterrupted run (CPU, to 1e-6)."""
+    full = tiny_cfg(tmp_path / "full", steps=6)
+    full.fidelity.enabled = False
+    train(full, progress=False, log=lambda *a: None)
+
+    part = tiny_cfg(tmp_path / "part", steps=6)
+    part.fidelity.enabled = False
+    first = train(part, stop_after=3, progress=False, log=lambda *a: None)
+    assert first["step"] == 3 and latest_checkpoint(tmp_path / "part").name == "step_00000003.pt"
+    # a resumed run reads the run's own config.toml, as `radio train --resume DIR` does
+    from radio.train import load_run_config
+
+    resumed_cfg = load_run_config(tmp_path / "part")
+    resumed_cfg.run.out = str(tmp_path / "part")
+    train(resumed_cfg, resume=True, progress=False, log=lambda *a: None)
+
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-6), (ra["step"], k)
+    ca = load_checkpoint(latest_checkpoint(tmp_path / "full"))
+    cb = load_checkpoint(latest_checkpoint(tmp_path / "part"))
+    for k in ca["ema"]:
+        torch.testing.assert_close(ca["ema"][k], cb["ema"][k], rtol=1e-6, atol=1e-6)
+
+
+def test_export_round_trip(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", steps=2)
+    cfg.fidelity.enabled = False
+    train(cfg, progress=False, log=lambda *a: None)
+    export_run(tmp_path / "run", tmp_path / "model")
+    model = RadioModel.from_pretrained(tmp_path / "model")
+    ema = load_checkpoint(latest_checkpoint(tmp_path / "run"))["ema"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    out = model.eval()(torch.rand(1, 3, 32, 48))
+    assert set(out) == {"backbone", "siglip2", "dinov3", "sam3"}
+    assert out["sam3"].summary is None and out["dinov3"].summary.shape == (1, 32)
+    with pytest.raises(ValueError, match="no checkpoints"):
+        export_run(tmp_path / "nowhere", tmp_path / "model2")
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", steps=1)
+    cfg.fidelity.enabled = False
+    assert train(cfg, progress=False, log=lambda *a: None)["run_dir"] == str(tmp_path / "run")
+    cfg = tiny_cfg(tmp_path / "run", steps=1)
+    cfg.fidelity.enabled = False
+    assert train(cfg, progress=False, log=lambda *a: None)["run_dir"] == str(tmp_path / "run-1")
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        cfg = tiny_cfg(tmp_path / "empty", steps=1)
+        train(cfg, resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def test_keep_last_and_latest(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
+    with pytest.raises(ValueError, match="keep_last"):
+        save_checkpoint(tmp_path, 5, {}, keep_last=0)
+
+
+_WRITER = """
+import sys, torch
+from radio.train.checkpoint import save_checkpoint
+step = 0
+big = torch.randn(2_000_000)
+while True:
+    step += 1
+    save_checkpoint(sys.argv[1], step, {"step": step, "base": big, "payload": big + step}, keep_last=2)
+    print(step, flush=True)
+"""
+
+
+def test_a_killed_writer_leaves_a_loadable_latest_checkpoint(tmp_path):
+    """SIGKILL a process in the middle of its checkpoint loop: the newest step_*.pt still loads."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(run)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "1"  # at least one checkpoint exists
+    while int(proc.stdout.readline()) < 4:  # let it save a few more, then kill it mid-loop
+        pass
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["step"] >= 4 and state["payload"].shape == (2_000_000,)
+    torch.testing.assert_close(state["payload"] - state["base"], torch.full((2_000_000,), float(state["step"])))
+    assert len(list_checkpoints(run)) <= 3  # keep_last=2, plus one if killed between save and pruning
+
+
+# ----------------------------------------------------------------------------------------------
+# DAMP
+# ----------------------------------------------------------------------------------------------
+
+
+def _model():
+    from radio import RadioConfig
+
+    torch.manual_seed(0)
+    return RadioModel(RadioConfig.preset("tiny", pos_dropout=0.0)).eval()
+
+
+def test_damp_sigma_zero_is_a_bitwise_no_op():
+    model = _model()
+    names = linear_weight_names(model)
+    assert len(names) >= 4 * 4  # qkv, proj, fc1, fc2 per block (+ patch embed)
+    x = torch.rand(2, 3, 32, 32)
+    plain = model(x).features
+    plain.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(0)
+    damped = damp_forward(model, names, 0.0, gen, x).features
+    damped.sum().backward()
+    assert torch.equal(plain, damped)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.equal(g, p.grad)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # no draws
+
+
+def test_damp_applies_multiplicative_noise_and_leaves_weights_untouched():
+    model = _model()
+    names = linear_weight_names(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 32, 32)
+    plain = model(x).features
+    noisy = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x).features
+    assert not torch.allclose(plain, noisy)
+    # gradient through W~ = W * (1 + sigma * eps) reaches the stored weights
+    noisy.square().mean().backward()
+    assert all(dict(model.named_parameters())[n].grad is not None for n in names)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the same generator state gives the same noise (reproducible, resumable)
+    again = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x).features
+    assert torch.equal(noisy, again)
+    # the product law on one weight: W~ = W (1 + sigma eps)
+    lin = torch.nn.Linear(3, 2, bias=False)
+    eps = torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(5))
+    y = damp_forward(lin, ["weight"], 0.5, torch.Generator().manual_seed(5), torch.eye(3))
+    torch.testing.assert_close(y, (lin.weight * (1 + 0.5 * eps)).T)
+
+
+def test_damp_schedules():
+    assert damp_sigma(0.0, "cosine", 0, 10) == 0.0
+    assert damp_sigma(0.2, "cosine", 0, 10) == pytest.approx(0.2)
+    assert damp_sigma(0.2, "cosine", 5, 10) == pytest.approx(0.1)
+    assert damp_sigma(0.2, "linear", 10, 10) == 0.0
+    assert damp_sigma(0.2, "constant", 7, 10) == 0.2
+    with pytest.raises(ValueError, match="schedule"):
+        damp_sigma(0.2, "exp", 0, 10)
