@@ -5,13 +5,15 @@ global attention and for window sizes 8 and 16 (official "skip" prefix semantics
 4 global blocks), on every requested attention backend. Global attention costs O(N^2) in the token
 count N = (res / 16)^2, windowed blocks O(N * w^2), so windowed latency grows far slower.
 
-    python -m bench.model --device cpu            # CPU, PyTorch backend, 256..1024 px (~1-2 min)
+    python -m bench.model --device cpu            # CPU, PyTorch backend, 256..1024 px (~2-3 min)
     python -m bench.model --device cpu --quick    # smoke run: 256 px only, a few seconds
     python -m bench.model --device cuda           # GPU: 256..2048 px, bf16, backends torch + triton
 
-Writes ``bench/results/model_<date>_<device>.{csv,md,png}``; the table and plot show the best of the
-timed runs (robust on a shared machine), the CSV also the median. A backend that is not available yet
-(the Triton attention kernel raises NotImplementedError until it lands) is reported as n/a.
+Writes ``bench/results/model_<date>_<device>.{csv,md,png}``. The table and plot show the best of the
+timed runs: wall time on a GPU; on a CPU the process CPU time of a single-threaded run (``--threads 1``
+by default), which other jobs on a shared machine barely disturb. The CSV holds wall median/min and
+CPU min. A backend that is not available (a Triton kernel that has not landed raises
+NotImplementedError) is reported as n/a.
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(model: RadioModel, x: torch.Tensor) -> float:
-    """Milliseconds for one forward pass (inference mode; bf16 autocast when x is bf16)."""
+def time_once(model: RadioModel, x: torch.Tensor) -> tuple[float, float]:
+    """(wall ms, process CPU ms) for one forward pass (inference mode; bf16 autocast when x is bf16)."""
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
         _sync(x.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model(x)
         _sync(x.device)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3
 
 
 def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: int, dtype: torch.dtype):
@@ -74,7 +76,7 @@ def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: i
     rows = []
     for k, res in enumerate(resolutions):
         x = torch.rand(1, 3, res, res, device=dev).to(dtype)
-        times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
         # One extra untimed round at the first size pays one-off costs (allocator, kernel autotuning).
         for round_ in range(warmup + repeats + (k == 0)):
             for backend, mode in variants:
@@ -82,13 +84,13 @@ def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: i
                     continue
                 models[mode].set_attention_backend(backend)
                 try:
-                    ms = time_once(models[mode], x)
+                    sample = time_once(models[mode], x)
                 except NotImplementedError as err:
                     unavailable.add(backend)
                     print(f"  {backend} unavailable: {err}", file=sys.stderr)
                     continue
                 if round_ >= warmup + (k == 0):
-                    times[backend, mode].append(ms)
+                    times[backend, mode].append(sample)
         for (backend, mode), ts in times.items():
             row = dict(
                 preset=preset,
@@ -98,18 +100,22 @@ def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: i
                 resolution=res,
                 tokens=(res // models[mode].patch_size) ** 2,
                 dtype=str(dtype).replace("torch.", ""),
-                ms_median=statistics.median(ts) if ts else float("nan"),
-                ms_min=min(ts) if ts else float("nan"),
+                ms_median=statistics.median(t[0] for t in ts) if ts else float("nan"),
+                ms_min=min(t[0] for t in ts) if ts else float("nan"),
+                cpu_ms_min=min(t[1] for t in ts) if ts else float("nan"),
                 repeats=len(ts),
             )
-            print(f"  {backend:6s} {mode:9s} {res:5d}px  {row['ms_min']:10.1f} ms", file=sys.stderr)
+            print(
+                f"  {backend:6s} {mode:9s} {res:5d}px  wall {row['ms_min']:9.1f} ms  cpu {row['cpu_ms_min']:9.1f} ms",
+                file=sys.stderr,
+            )
             rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], title: str) -> str:
+def markdown_table(rows: list[dict], title: str, metric: str = "ms_min") -> str:
     columns = [(b, m) for b in dict.fromkeys(r["backend"] for r in rows) for m in MODES]
-    by_key = {(r["backend"], r["mode"], r["resolution"]): r["ms_min"] for r in rows}
+    by_key = {(r["backend"], r["mode"], r["resolution"]): r[metric] for r in rows}
     resolutions = sorted({r["resolution"] for r in rows})
     header = ["resolution", "tokens"] + [f"{b} {m} (ms)" for b, m in columns]
     title += f" - best of {max(r['repeats'] for r in rows)} runs"
@@ -129,7 +135,7 @@ def _fmt(ms) -> str:
     return "n/a" if ms is None or ms != ms else f"{ms:.1f}"
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], path: str, title: str, metric: str = "ms_min") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,14 +145,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for backend in dict.fromkeys(r["backend"] for r in rows):
         for mode in MODES:
             pts = [
-                (r["resolution"], r["ms_min"])
+                (r["resolution"], r[metric])
                 for r in rows
-                if r["backend"] == backend and r["mode"] == mode and r["ms_min"] == r["ms_min"]
+                if r["backend"] == backend and r["mode"] == mode and r[metric] == r[metric]
             ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{backend}, {mode}")
     ax.set_xlabel("input resolution (px, square)")
-    ax.set_ylabel("latency per image (ms, best run)")
+    ax.set_ylabel("CPU time per image (ms, best run)" if metric == "cpu_ms_min" else "latency per image (ms, best run)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -165,6 +171,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="smallest sizes only: a smoke run in seconds")
     p.add_argument("--warmup", type=int, help="untimed passes per point (default: cuda 3, cpu 0)")
     p.add_argument("--repeats", type=int, help="timed passes per point (default: cuda 10, cpu 2)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default on cpu: 1)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
 
@@ -186,6 +193,8 @@ def main(argv=None) -> list[dict]:
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 0)
     repeats = a.repeats if a.repeats is not None else (10 if cuda else 2)
     dtype = torch.bfloat16 if cuda else torch.float32
+    if a.threads is not None or not cuda:
+        torch.set_num_threads(a.threads or 1)
 
     rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype)
     os.makedirs(a.out, exist_ok=True)
@@ -195,11 +204,15 @@ def main(argv=None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    title = f"RadioModel {a.preset} forward latency, batch 1, {rows[0]['dtype']}, {slug}"
-    table = markdown_table(rows, title)
+    # On a CPU the process CPU time of a single-threaded run is the latency a quiet machine would show;
+    # wall time on a machine shared with other jobs mostly measures their load.
+    metric = "ms_min" if cuda else "cpu_ms_min"
+    what = "latency" if cuda else f"CPU time ({torch.get_num_threads()} thread(s))"
+    title = f"RadioModel {a.preset} forward {what}, batch 1, {rows[0]['dtype']}, {slug}"
+    table = markdown_table(rows, title, metric)
     with open(stem + ".md", "w") as f:
         f.write(table)
-    plot(rows, stem + ".png", title)
+    plot(rows, stem + ".png", title, metric)
     print(table)
     print(f"wrote {stem}.csv, .md, .png")
     return rows
