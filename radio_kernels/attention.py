@@ -10,15 +10,35 @@ Semantics (q, k, v (B, H, N, D); P = num_prefix, T = window_tokens)::
 
 The output is (B, H, N, D) laid out in memory as (B, N, H, D), so that
 ``out.transpose(1, 2).reshape(B, N, H * D)`` is free.
+
+Backends: ``"torch"`` runs ``reference.attention`` (SDPA, per-window copies for the prefix case);
+``"triton"`` runs the fused flash-style kernels of ``_attention_kernels`` (forward and a
+deterministic backward, float16 / bfloat16 / float32 with TF32 dots, head dim <= 128).
+``"auto"`` takes Triton on CUDA and falls back to the reference for what the kernels do not
+cover (float64, head dim > 128).
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import triton
+
+from . import _attention_configs as configs
 from . import reference
+from ._attention_kernels import (
+    LOG2E,
+    attn_bwd_delta_kernel,
+    attn_bwd_dkdv_kernel,
+    attn_bwd_dq_kernel,
+    attn_fwd_kernel,
+)
 from ._backend import resolve_backend
 from ._checks import check_same_device, check_tensor
+
+MAX_HEAD_DIM = 128
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) -> None:
@@ -26,8 +46,7 @@ def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) ->
         check_tensor(name, t, ndim=4)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
-            f"q, k and v must have equal shapes (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"q, k and v must have equal shapes (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -46,6 +65,15 @@ def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) ->
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
 
 
+def triton_supports(q: torch.Tensor) -> str | None:
+    """None when the kernels handle q's dtype and head dim, else the reason they don't."""
+    if q.dtype not in TRITON_DTYPES:
+        return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    return None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,8 +84,154 @@ def attention(
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Multi-head attention with optional ViTDet windows and global prefix tokens."""
+    """Multi-head attention with optional ViTDet windows and global prefix tokens.
+
+    Args:
+        q, k, v: (B, H, N, D) of one dtype and device. Any strides; unit stride in D avoids a copy
+            (the three views of a packed qkv projection work as they are).
+        num_prefix: P, number of leading prefix tokens (CLS, registers).
+        window_tokens: T, tokens per window (0 = global attention); N - P must be a multiple of T.
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto", "triton" or "torch" (see the module docstring).
+
+    Returns:
+        (B, H, N, D) in q's dtype, stored as (B, N, H, D).
+    """
     check_attention_args(q, k, v, num_prefix, window_tokens, scale)
-    if resolve_backend(backend, q.device) == "torch":
+    chosen = resolve_backend(backend, q.device)
+    unsupported = triton_supports(q) if chosen == "triton" else None
+    if unsupported and backend == "triton":
+        raise ValueError(f"{unsupported}; use backend='torch'")
+    if chosen == "torch" or unsupported:
         return reference.attention(q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, scale=scale)
-    raise NotImplementedError("the Triton attention kernel has not landed yet; use backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _FusedAttention.apply(q, k, v, num_prefix, window_tokens, scale)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, num_prefix, window_tokens, scale):
+        q, k, v = (_unit_d(t) for t in (q, k, v))
+        out, lse = attention_forward(q, k, v, num_prefix, window_tokens, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (num_prefix, window_tokens, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(_unit_d(grad_out), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write (tests swap this for a NaN-filled one to catch gaps)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _bnhd_empty_like(q: torch.Tensor) -> torch.Tensor:
+    """Empty (B, H, N, D) tensor stored as (B, N, H, D)."""
+    B, H, N, D = q.shape
+    return _empty((B, N, H, D), q.dtype, q.device).transpose(1, 2)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _stride_unit(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing every (B, H, N) stride of every tensor.
+
+    Strides are passed to the kernels divided by it and multiplied back by a constexpr, so the
+    compiler knows row starts are aligned (16-byte vector loads and cp.async even for D = 72,
+    whose head stride 72 is not a multiple of 16, the only divisibility Triton detects itself).
+    """
+    g = 16
+    for t in tensors:
+        for s in _strides(t):
+            g = math.gcd(g, s)
+    return g
+
+
+def _scaled(strides: tuple[int, int, int], unit: int) -> tuple[int, int, int]:
+    return tuple(s // unit for s in strides)
+
+
+def _grid(rows: int, block: int, bh: int) -> tuple[int, int]:
+    return (triton.cdiv(rows, block), bh)
+
+
+def _row_launches(num_prefix: int, window_tokens: int, n: int):
+    """(first row, end row, windowed, prefix launch) of each launch over rows (queries or keys)."""
+    if window_tokens == 0:
+        return [(0, n, False, False)]
+    launches = []
+    if num_prefix:
+        launches.append((0, num_prefix, False, True))  # prefix rows see every column
+    if n > num_prefix:
+        launches.append((num_prefix, n, True, False))
+    return launches
+
+
+def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float):
+    """Run the forward kernels; returns (out (B, H, N, D) stored (B, N, H, D), lse2 (B*H, N) fp32)."""
+    B, H, N, D = q.shape
+    out = _bnhd_empty_like(q)
+    lse = _empty((B * H, N), torch.float32, q.device)
+    unit = _stride_unit(q, k, v, out)
+    strides = [x for t in (q, k, v, out) for x in _scaled(_strides(t), unit)]
+    es = q.element_size()
+    for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
+        tile = configs.pick_tile("fwd_prefix" if prefix else "fwd", D, es, window_tokens)
+        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        attn_fwd_kernel[_grid(end - start, tile.block_m, B * H)](
+            q, k, v, out, lse, *strides, H, N, num_prefix, max(window_tokens, 1), start, end,
+            scale * LOG2E, WINDOWED=windowed, HEAD_D=D, BLOCK_D=configs.block_d_of(D),
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_P=block_p, STRIDE_UNIT=unit,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: int, scale: float):
+    """Gradients (dq, dk, dv), each (B, H, N, D) stored (B, N, H, D); deterministic (no atomics)."""
+    B, H, N, D = q.shape
+    es, bd = q.element_size(), configs.block_d_of(D)
+    delta = _empty(tuple(lse.shape), torch.float32, lse.device)
+    tile = configs.pick_tile("delta", D, es)
+    unit = _stride_unit(out, do)
+    attn_bwd_delta_kernel[_grid(N, tile.block_m, B * H)](
+        out, do, delta, *_scaled(_strides(out), unit), *_scaled(_strides(do), unit), H, N,
+        HEAD_D=D, BLOCK_D=bd, BLOCK_M=tile.block_m, STRIDE_UNIT=unit, num_warps=tile.num_warps,
+    )  # fmt: skip
+
+    dq, dk, dv = _bnhd_empty_like(q), _bnhd_empty_like(q), _bnhd_empty_like(q)
+    unit = _stride_unit(q, k, v, do, dq)
+    strides = [x for t in (q, k, v, do, dq) for x in _scaled(_strides(t), unit)]
+    common = dict(HEAD_D=D, BLOCK_D=bd, STRIDE_UNIT=unit)
+    for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
+        # dK, dV: rows are keys, columns queries (the kernel's BLOCK_N / BLOCK_M).
+        tile = configs.pick_tile("dkdv_prefix" if prefix else "dkdv", D, es, window_tokens)
+        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        attn_bwd_dkdv_kernel[_grid(end - start, tile.block_m, B * H)](
+            q, k, v, do, dk, dv, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
+            start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_n,
+            BLOCK_N=tile.block_m, BLOCK_P=block_p, num_warps=tile.num_warps,
+            num_stages=tile.num_stages, **common,
+        )  # fmt: skip
+        tile = configs.pick_tile("dq_prefix" if prefix else "dq", D, es, window_tokens)
+        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        attn_bwd_dq_kernel[_grid(end - start, tile.block_m, B * H)](
+            q, k, v, do, dq, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
+            start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n, BLOCK_P=block_p, num_warps=tile.num_warps,
+            num_stages=tile.num_stages, **common,
+        )  # fmt: skip
+    return dq, dk, dv
