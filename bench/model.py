@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import math
 import os
 import re
 import statistics
@@ -60,8 +61,10 @@ def time_once(model: RadioModel, x: torch.Tensor) -> tuple[float, float]:
     return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3
 
 
-def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: int, dtype: torch.dtype):
-    """One result dict per (backend, mode, resolution).
+def run(
+    device: str, preset: str, resolutions, backends, warmup: int, repeats: int, dtype: torch.dtype, on_progress=None
+):
+    """One result dict per (backend, mode, resolution); ``on_progress(rows)`` after each resolution.
 
     Passes are interleaved (for each resolution and round: every backend and mode once), so a load
     spike on a shared machine hits all variants alike instead of one whole curve.
@@ -110,6 +113,8 @@ def run(device: str, preset: str, resolutions, backends, warmup: int, repeats: i
                 file=sys.stderr,
             )
             rows.append(row)
+        if on_progress is not None:
+            on_progress(rows)
     return rows
 
 
@@ -169,8 +174,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--resolutions", type=int, nargs="+", help="square sides, multiples of 256")
     p.add_argument("--backends", nargs="+", choices=["torch", "triton"])
     p.add_argument("--quick", action="store_true", help="smallest sizes only: a smoke run in seconds")
-    p.add_argument("--warmup", type=int, help="untimed passes per point (default: cuda 3, cpu 0)")
-    p.add_argument("--repeats", type=int, help="timed passes per point (default: cuda 10, cpu 2)")
+    p.add_argument("--warmup", type=int, help="untimed passes per point (default: cuda 2, cpu 0)")
+    p.add_argument("--repeats", type=int, help="timed passes per point (default: cuda 5, cpu 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default on cpu: 1)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
@@ -190,32 +195,50 @@ def main(argv=None) -> list[dict]:
         else CPU_RESOLUTIONS
     )
     backends = a.backends or (["torch", "triton"] if cuda else ["torch"])
-    warmup = a.warmup if a.warmup is not None else (3 if cuda else 0)
-    repeats = a.repeats if a.repeats is not None else (10 if cuda else 2)
+    warmup = a.warmup if a.warmup is not None else (2 if cuda else 0)
+    repeats = a.repeats if a.repeats is not None else (5 if cuda else 2)
     dtype = torch.bfloat16 if cuda else torch.float32
     if a.threads is not None or not cuda:
         torch.set_num_threads(a.threads or 1)
 
-    rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype)
     os.makedirs(a.out, exist_ok=True)
     slug = device_slug(torch.device(a.device))
     stem = os.path.join(a.out, f"model_{dt.date.today().isoformat()}_{slug}{'_quick' if a.quick else ''}")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     # On a CPU the process CPU time of a single-threaded run is the latency a quiet machine would show;
     # wall time on a machine shared with other jobs mostly measures their load.
     metric = "ms_min" if cuda else "cpu_ms_min"
     what = "latency" if cuda else f"CPU time ({torch.get_num_threads()} thread(s))"
-    title = f"RadioModel {a.preset} forward {what}, batch 1, {rows[0]['dtype']}, {slug}"
-    table = markdown_table(rows, title, metric)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    plot(rows, stem + ".png", title, metric)
-    print(table)
+    title = f"RadioModel {a.preset} forward {what}, batch 1, {str(dtype).replace('torch.', '')}, {slug}"
+
+    def write(rows: list[dict]) -> None:
+        # Rewritten after every resolution, so a run stopped at its time budget keeps what it measured.
+        with open(stem + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown_table(rows, title, metric))
+        plot(rows, stem + ".png", title, metric)
+
+    rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype, on_progress=write)
+    print(markdown_table(rows, title, metric))
     print(f"wrote {stem}.csv, .md, .png")
     return rows
+
+
+def headline(rows: list[dict]) -> str:
+    """For bench.run_all's summary: at the largest resolution, each variant's time and global/window 8."""
+    res = max(int(r["resolution"]) for r in rows)
+    on_cpu = rows[0]["device"].startswith("cpu")
+    key = "cpu_ms_min" if on_cpu else "ms_min"
+    here = {(r["backend"], r["mode"]): float(r[key]) for r in rows if int(r["resolution"]) == res}
+    bits = [f"{b} {m} {ms:.0f} ms" for (b, m), ms in here.items() if ms == ms]
+    for b in dict.fromkeys(b for b, _ in here):
+        g, w = here.get((b, "global"), math.nan), here.get((b, "window 8"), math.nan)
+        if g == g and w == w:
+            bits.append(f"{b} global/window8 {g / w:.2f}x")
+    what = "CPU time, 1 thread" if on_cpu else "latency"
+    return f"{rows[0]['preset']} at {res}px ({what}): " + ", ".join(bits)
 
 
 if __name__ == "__main__":
