@@ -1,0 +1,143 @@
+"""Run every benchmark in bench/ for one device and print a summary table as the last lines.
+
+    python -m bench.run_all --device cpu                 # `make bench`
+    python -m bench.run_all --device cuda                # `make bench-gpu` (after the kernel tests)
+    python -m bench.run_all --device cpu --quick         # smoke sizes, about a minute on a CPU
+    python -m bench.run_all --device cuda --only train_step
+
+Each benchmark runs in its own process (``python -m bench.<name> --device D --out DIR [--quick]``),
+under a wall-clock budget: a hung or slow benchmark is stopped at its budget and reported, the
+others still run, and GPU memory is returned between benchmarks. On a GPU the budgets add up to
+275 s, which with the kernel tests keeps ``make bench-gpu`` under 8 minutes on an H100/H200.
+Each benchmark writes ``<name>_<date>_<device>[_quick].{csv,md[,png]}`` under ``--out`` with the
+reference (copy bandwidth, bf16 matmul TFLOP/s) it measured in the same run; this script collects
+the files each one wrote, writes ``summary_<date>_<device>[_quick].md`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench.summary import headline
+
+BENCHMARKS = ("losses", "attention", "model", "train_step")
+# Wall-clock budget per benchmark (seconds). GPU: sums to 275 s (gpu.sh gives run_all 300 s).
+BUDGET_S = {
+    "cuda": {"losses": 40, "attention": 55, "model": 40, "train_step": 140},
+    "cpu": {"losses": 240, "attention": 240, "model": 240, "train_step": 240},
+}
+# train_step stops *starting* new points this long before its budget, so the last one can finish.
+TRAIN_STEP_MARGIN_S = {"cuda": 45, "cpu": 60}
+QUICK_BUDGET_S = 120
+
+
+def command(name: str, device: str, out: str, quick: bool, budget: float) -> list[str]:
+    cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", out]
+    if quick:
+        cmd.append("--quick")
+    if name == "train_step":
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        cmd += ["--budget-s", str(max(budget - TRAIN_STEP_MARGIN_S[kind], 10))]
+    return cmd
+
+
+def new_files(out: str, name: str, since: float) -> list[str]:
+    """Result files of benchmark ``name`` written in ``out`` at or after ``since`` (sorted)."""
+    if not os.path.isdir(out):
+        return []
+    found = []
+    for entry in os.scandir(out):
+        if entry.is_file() and entry.name.startswith(name + "_") and entry.stat().st_mtime >= since - 1:
+            found.append(entry.path)
+    return sorted(found)
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_one(name: str, device: str, out: str, quick: bool, budget: float) -> dict:
+    """Run one benchmark; return {name, status, seconds, files, headline}."""
+    record = {"name": name, "files": [], "headline": ""}
+    if importlib.util.find_spec(f"bench.{name}") is None:
+        return record | {"status": "absent", "seconds": 0.0}
+    print(f"== {name} (budget {budget:.0f} s) ==", flush=True)
+    started = time.time()
+    # Own process group: at the budget, the benchmark and any workers it started (torch.compile's
+    # compiler pool) are stopped together.
+    proc = subprocess.Popen(command(name, device, out, quick, budget), start_new_session=True)
+    try:
+        code = proc.wait(timeout=budget)
+        status = "ok" if code == 0 else f"failed (exit {code})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        status = f"stopped at its {budget:.0f} s budget"
+    record |= {"status": status, "seconds": time.time() - started}
+    record["files"] = new_files(out, name, started)
+    csvs = [f for f in record["files"] if f.endswith(".csv")]
+    if csvs:
+        try:
+            record["headline"] = headline(name, read_csv(csvs[-1]))
+        except (KeyError, ValueError) as err:  # a CSV whose columns changed: say so, keep going
+            record["headline"] = f"(no headline: {type(err).__name__} {err})"
+    return record
+
+
+def summary_table(records: list[dict], device: str, reference: str, notes=()) -> str:
+    lines = [f"### Benchmark summary ({device})", "", f"- {reference}", *(f"- {n}" for n in notes), ""]
+    lines += ["| benchmark | status | seconds | headline | files |", "|---|---|---|---|---|"]
+    for r in records:
+        files = ", ".join(os.path.basename(f) for f in r["files"]) or "-"
+        lines.append(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | {r['headline'] or '-'} | {files} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--quick", action="store_true", help="smoke sizes for every benchmark")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    p.add_argument("--note", action="append", default=[], help="a line for the summary (e.g. kernel test result)")
+    a = p.parse_args(argv)
+
+    import torch  # after argument parsing: --help stays fast
+
+    from bench import _common
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    os.makedirs(a.out, exist_ok=True)
+    dev = torch.device(a.device)
+    ref = _common.reference(dev)
+    ref_line = (
+        f"Reference measured at the start of this run on {ref['device']}: bf16 matmul "
+        f"{ref['matmul_tflops']:.3g} TFLOP/s, device copy {ref['copy_gbps']:.4g} GB/s "
+        "(each benchmark measures it again in its own run and reports fractions of it)."
+    )
+    records = []
+    for name in a.only or BENCHMARKS:
+        budget = QUICK_BUDGET_S if a.quick else BUDGET_S[a.device][name]
+        records.append(run_one(name, a.device, a.out, a.quick, budget))
+    table = summary_table(records, ref["device"], ref_line, a.note)
+    stem = _common.result_stem(a.out, "summary", dev, quick=a.quick)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(f"wrote {stem}.md\n")
+    print(table, end="")
+    if any(r["status"] not in ("ok", "absent") for r in records):
+        sys.exit(1)
+    return records
+
+
+if __name__ == "__main__":
+    main()
