@@ -130,7 +130,7 @@ register_subcommand("train", "distil a student from its teachers (METHOD.md §4)
 register_subcommand(
     "export", "write a run's EMA student as a RadioModel.from_pretrained folder", _export_arguments, _export
 )
-
+import radio.cli_viz  # noqa: E402, F401  (registers ``radio viz``; imports nothing heavy)
 
 # ----------------------------------------------------------------------------------------------
 # entry point
