@@ -231,3 +231,17 @@ def test_damp_schedules():
     assert damp_sigma(0.2, "constant", 7, 10) == 0.2
     with pytest.raises(ValueError, match="schedule"):
         damp_sigma(0.2, "exp", 0, 10)
+
+
+def test_triton_and_torch_loss_backends_train_alike(tmp_path):
+    """The loss kernels (Triton; the interpreter without a GPU) drive the same run as the references."""
+    logs = {}
+    for backend in ("torch", "triton"):
+        cfg = tiny_cfg(tmp_path / backend, steps=2)
+        cfg.fidelity.enabled = False
+        cfg.loss.backend = backend
+        train(cfg, progress=False, log=lambda *a: None)
+        logs[backend] = _losses(tmp_path / backend)
+    for a, b in zip(logs["torch"], logs["triton"]):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)

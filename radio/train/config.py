@@ -115,8 +115,11 @@ class OptimConfig:
 class LossConfig:
     mesa_weight: float = 1.0
     ema_decay: float = 0.99  # the real recipe uses 0.9996 (preset "c-radiov4")
-    phis_refresh_every: int = 100
-    phis_freeze_after: int = 3000
+    # PHI-S refits change the target basis, so statistics are frozen early. The real recipe
+    # (preset "c-radiov4") refreshes every 100 steps and freezes after 3000 of 600k; the tiny demo
+    # scales that down to its 400 steps.
+    phis_refresh_every: int = 20
+    phis_freeze_after: int = 100
     backend: str = "auto"  # radio_kernels backend for every loss
 
 
@@ -138,7 +141,7 @@ class FidelityConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 240
+    steps: int = 400
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     out: str = "runs/demo"
@@ -267,7 +270,7 @@ def _c_radiov4() -> TrainConfig:
         high_prob=0.25,
     )
     cfg.optim = OptimConfig(lr=1e-3, min_lr_ratio=0.0, warmup_steps=5000, grad_clip=1.0)
-    cfg.loss = LossConfig(ema_decay=0.9996)
+    cfg.loss = LossConfig(ema_decay=0.9996, phis_refresh_every=100, phis_freeze_after=3000)
     cfg.fidelity = FidelityConfig(resolution=432)
     cfg.run = RunConfig(
         steps=600_000, out="runs/c-radiov4", log_every=10, checkpoint_every=2000, keep_last=3, threads=0
