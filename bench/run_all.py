@@ -59,9 +59,19 @@ def new_files(out: str, name: str, since: float) -> list[str]:
     return sorted(found)
 
 
+def _value(text: str):
+    """A CSV cell back as int / float where it parses (what the benchmark wrote), else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
 def read_csv(path: str) -> list[dict]:
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def run_one(name: str, device: str, out: str, quick: bool, budget: float) -> dict:
@@ -87,7 +97,7 @@ def run_one(name: str, device: str, out: str, quick: bool, budget: float) -> dic
     if csvs:
         try:
             record["headline"] = headline(name, read_csv(csvs[-1]))
-        except (KeyError, ValueError) as err:  # a CSV whose columns changed: say so, keep going
+        except Exception as err:  # noqa: BLE001 - a headline must never cost the summary table
             record["headline"] = f"(no headline: {type(err).__name__} {err})"
     return record
 
@@ -113,14 +123,15 @@ def main(argv=None) -> list[dict]:
     import torch  # after argument parsing: --help stays fast
 
     from bench import _common
+    from bench.summary import measure_reference
 
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device(a.device)
-    ref = _common.reference(dev)
+    ref = measure_reference(dev, quick=a.quick)
     ref_line = (
-        f"Reference measured at the start of this run on {ref['device']}: bf16 matmul "
+        f"Reference measured at the start of this run on {ref['device']}: {ref['matmul_dtype']} matmul "
         f"{ref['matmul_tflops']:.3g} TFLOP/s, device copy {ref['copy_gbps']:.4g} GB/s "
         "(each benchmark measures it again in its own run and reports fractions of it)."
     )

@@ -1,4 +1,6 @@
-"""One-line headlines of each benchmark's CSV rows, for the summary table of ``bench.run_all``.
+"""One-line headlines of each benchmark's CSV rows, for the summary table of ``bench.run_all``, and
+the device reference (``bench._common.reference_numbers``) in the form the summary and the
+training-step benchmark print.
 
 A benchmark module may define ``headline(rows) -> str`` itself (rows as read back from its CSV,
 values as strings); otherwise the function registered here for its name is used, and a benchmark
@@ -9,6 +11,21 @@ from __future__ import annotations
 
 import importlib
 import math
+
+
+def measure_reference(device, quick: bool = False) -> dict:
+    """{device, copy_gbps, matmul_tflops, matmul_dtype}: measured now on ``device`` (bf16 matmul on a
+    GPU, fp32 on a CPU, where bf16 matmul is not representative)."""
+    from bench import _common
+
+    ref = _common.reference_numbers(device, quick=quick)
+    key = next(k for k in ref if k.endswith("_matmul_TFLOPs"))
+    return {
+        "device": _common.device_slug(device),
+        "copy_gbps": ref["copy_GBps"],
+        "matmul_tflops": ref[key],
+        "matmul_dtype": key.split("_")[0],
+    }
 
 
 def _num(value) -> float:

@@ -19,7 +19,7 @@ batch are shared, so the persistent memory is identical and peak-memory differen
 Rounds are interleaved (every provider once per round) so clock or load drift hits all alike.
 images/s = batch / median step time. FLOPs per step are counted once per point with
 ``torch.utils.flop_counter`` on the torch backend; achieved TFLOP/s is set against the measured bf16
-matmul TFLOP/s of the same device (``bench._common``). A step is matmul-bound and moves no
+matmul TFLOP/s of the same device (``bench._common``; fp32 on a CPU). A step is matmul-bound and moves no
 well-defined number of bytes, so its copy-bandwidth fraction is not given; the measured copy
 bandwidth is printed with the table as the device's reference.
 
@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from bench import _common
+from bench.summary import measure_reference
 from radio.teachers import DINOv3Teacher, Sam3Teacher, SiglipTeacher
 from radio.teachers.loading import _DEFAULT_NORM
 from radio.train import TrainConfig
@@ -466,7 +467,7 @@ def main(argv=None) -> list[dict]:
         p.error("--warmup and --repeats must be >= 1")
 
     dev = torch.device(a.device)
-    reference = _common.reference(dev)
+    reference = measure_reference(dev, quick=a.quick)
     dtype = "bf16 autocast" if cuda else "fp32"
     teacher_text = (
         f"wide random teachers (SigLIP2-g 1536 / DINOv3-7B 4096 / SAM3 1024 wide, {a.teacher_depth} layers each)"
@@ -475,7 +476,7 @@ def main(argv=None) -> list[dict]:
     )
     notes = [
         f"device {reference['device']}; {dtype}; {teacher_text}; compile mode '{a.compile_mode}'",
-        f"reference measured in this run: bf16 matmul {reference['matmul_tflops']:.3g} TFLOP/s, "
+        f"reference measured in this run: {reference['matmul_dtype']} matmul {reference['matmul_tflops']:.3g} TFLOP/s, "
         f"copy {reference['copy_gbps']:.4g} GB/s; 'of matmul' = achieved step TFLOP/s / matmul TFLOP/s",
         "copy-bandwidth fraction: not defined for a whole step (matmul-bound, no byte count)",
         f"images/s = batch / median of up to {repeats} interleaved steps; peak GiB = "
