@@ -22,6 +22,7 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    epilog: str | None = None
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -32,9 +33,10 @@ def register_subcommand(
     help: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
+    epilog: str | None = None,
 ) -> None:
-    """Add (or replace) the subcommand ``radio <name>``."""
-    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
+    """Add (or replace) the subcommand ``radio <name>`` (``epilog``: text after its --help)."""
+    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run, epilog)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +128,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-register_subcommand("train", "distil a student from its teachers (METHOD.md §4)", _train_arguments, _train)
+_TRAIN_EXAMPLES = """examples:
+  radio train                                         the tiny demo (bundled images, tiny teachers, CPU)
+  radio train --set data.image_dir=/data/images       your own images (recursive: jpg, png, webp)
+  radio train --preset c-radiov4 --set data.image_dir=/data/images
+                                                      real teachers (SigLIP2-g, DINOv3-7B, SAM3), 128..1152 px
+  radio train --set teachers.dinov3.name_or_path=/ckpt/dinov3 --set teachers.dinov3.dtype=bfloat16
+  radio train --steps 1000 --stop-after 200 --out runs/a && radio train --resume runs/a
+  torchrun --nproc-per-node 8 -m radio train --preset c-radiov4 --set data.image_dir=/data/images
+  radio train --list-keys                             every config key --set accepts
+"""
+
+register_subcommand(
+    "train", "distil a student from its teachers (METHOD.md §4)", _train_arguments, _train, _TRAIN_EXAMPLES
+)
 register_subcommand(
     "export", "write a run's EMA student as a RadioModel.from_pretrained folder", _export_arguments, _export
 )
@@ -141,7 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radio", description="C-RADIO-style agglomerative distillation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        command.add_arguments(
+            sub.add_parser(
+                name,
+                help=command.help,
+                description=command.help,
+                epilog=command.epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return parser
 
 

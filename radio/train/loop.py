@@ -147,8 +147,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             raise ValueError(f"--resume {str(run_dir)!r}: no checkpoint found in {run_dir}/checkpoints")
         state = load_checkpoint(ckpt_path, map_location="cpu")
     else:
-        run_dir, state = _fresh_run_dir(cfg.run.out, info), None
-        cfg.run.out = str(run_dir)
+        state = None
 
     # ---------------------------------------------------------------- models
     torch.manual_seed(cfg.run.seed)  # student initialisation
@@ -156,6 +155,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     raw = build_student(cfg, slots).to(device)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     plans, geometry = plan_all_views(cfg, slots, raw.patch_size, raw.min_resolution_step)
+    if cfg.fidelity.enabled and cfg.fidelity.resolution % raw.min_resolution_step:
+        raise ValueError(
+            f"fidelity.resolution={cfg.fidelity.resolution} is not a multiple of the student's "
+            f"min_resolution_step={raw.min_resolution_step}"
+        )
+    if state is None:  # only now, when the config is known to work, claim a run directory
+        run_dir = _fresh_run_dir(cfg.run.out, info)
+        cfg.run.out = str(run_dir)
 
     # ---------------------------------------------------------------- optimisation
     optimizer = build_optimizer(raw, cfg.optim)
