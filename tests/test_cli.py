@@ -19,6 +19,7 @@ from radio.train.config import (
     to_toml,
     valid_keys,
 )
+from radio.train.plots import read_metrics
 
 FAST = ["--no-progress", "--steps", "2", "--set", "data.batch_size=2", "--set", "data.num_workers=0",
         "--set", "data.low_resolutions=[32]", "--set", "data.high_resolutions=[64]",
@@ -109,7 +110,11 @@ def test_train_resume_and_export_through_the_cli(tmp_path, capsys):
     run, model_dir = tmp_path / "run", tmp_path / "model"
     assert main(["train", "--out", str(run), "--stop-after", "1", *FAST]) == 0
     assert (run / "checkpoints" / "step_00000001.pt").is_file() and not (run / "fidelity.json").exists()
+    with open(run / "metrics.jsonl", "a") as f:  # a record logged after the last checkpoint, then a crash
+        f.write('{"step": 2, "loss": 123.0}\n')
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] != 123.0
     assert (run / "checkpoints" / "step_00000002.pt").is_file() and (run / "fidelity.json").is_file()
     assert main(["train", "--resume", str(run), "--out", str(tmp_path / "x")]) == 2
     assert main(["export", "--run", str(run), "--out", str(model_dir)]) == 0

@@ -245,3 +245,29 @@ def test_triton_and_torch_loss_backends_train_alike(tmp_path):
     for a, b in zip(logs["torch"], logs["triton"]):
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def test_the_default_config_plans_and_runs_every_resolution():
+    """The demo's own resolutions: SigLIP2 tiles on the high partition, SAM3 mosaics everywhere."""
+    from radio.train.build import build_student
+    from radio.train.data import ImageSource, SampleSpec, ViewDataset, collate
+    from radio.train.step import teacher_targets
+    from radio.train.teaching import build_teachers, plan_all_views
+
+    cfg = TrainConfig()
+    slots = build_teachers(cfg, torch.device("cpu"))
+    student = build_student(cfg, slots)
+    plans, geometry = plan_all_views(cfg, slots, student.patch_size, student.min_resolution_step)
+    assert {plans[("high", r)]["siglip2"].mode for r in cfg.data.high_resolutions} == {"tile"}
+    assert {p["sam3"].mode for p in plans.values()} == {"mosaic"}
+    assert {p["dinov3"].mode for p in plans.values()} == {"plain"}
+    d = cfg.data
+    dataset = ViewDataset(ImageSource.from_config(None), geometry, 16, 0, d.crop_scale, d.shift_std, d.max_shift, 32)
+    for (part, res), plan in plans.items():
+        batch = collate([dataset[SampleSpec(i, res, part, 0, i)] for i in range(3)])
+        targets = teacher_targets(batch, slots, plan, 16, "cpu")
+        for name, t in targets.items():
+            assert t.features.shape[1:3] == (plan[name].tokens, plan[name].tokens)
+            assert torch.isfinite(t.features).all()
+        out = student(batch.images("student"), feature_fmt="NHWC")
+        assert out["dinov3"].features.shape[1] == res // 16
