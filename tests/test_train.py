@@ -271,3 +271,20 @@ def test_the_default_config_plans_and_runs_every_resolution():
             assert torch.isfinite(t.features).all()
         out = student(batch.images("student"), feature_fmt="NHWC")
         assert out["dinov3"].features.shape[1] == res // 16
+
+
+def test_teachers_from_local_checkpoints(tmp_path, monkeypatch):
+    """``teachers.<name>.name_or_path`` loads a checkpoint folder (the path real teachers take, offline)."""
+    from radio.teachers import tiny_teacher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_teacher("dinov3", seed=5).save_pretrained(tmp_path / "dino")
+    cfg = tiny_cfg(tmp_path / "run", steps=1)
+    cfg.fidelity.enabled = False
+    cfg.teachers["dinov3"].name_or_path = str(tmp_path / "dino")
+    cfg.teachers["siglip2"].enabled = False
+    train(cfg, progress=False, log=lambda *a: None)
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "loss/dinov3/spatial" in record and "loss/siglip2/spatial" not in record
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert [a["name"] for a in state["adaptors"]] == ["dinov3", "sam3"]
