@@ -34,12 +34,13 @@ from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import resolve_backend
 from ._checks import check_same_device, check_tensor
+from .shifted_mse import new_grad_buffer
 
 TILE = 2048
 NUM_WARPS = 4
 PI = tl.constexpr(3.141592653589793)
 TAN_PI_8 = tl.constexpr(0.41421356237309503)
-CHORD_TINY = tl.constexpr(1e-24)  # reference._TINY: chords^2 below this are clamped (zero gradient)
+CHORD_TINY = tl.constexpr(2.0**-40)  # reference._TINY: chords^2 below this are clamped (zero gradient)
 FLT_MIN = tl.constexpr(2.0**-126)  # reference._FLT_MIN: rows with max |x| below this are zero rows
 
 
@@ -157,8 +158,11 @@ def _angular_fwd_kernel(
 # ----------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------
-def angular_forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: (sum_b Theta_b^2 as 0-dim fp32, its gradient in x's dtype, contiguous).
+def angular_forward(
+    x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel: (sum_b Theta_b^2 as 0-dim fp32, its gradient in x's dtype, contiguous;
+    ``grad`` if given).
 
     Grid: one program per BLOCK_R rows; each loops over C in BLOCK_C chunks. Inputs are read
     through their strides.
@@ -166,7 +170,7 @@ def angular_forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
     B, C = x.shape
     if B >= 2**31 or C >= 2**31:
         raise ValueError(f"at most 2**31 - 1 rows and channels are supported, got x of shape {tuple(x.shape)}")
-    grad = torch.empty((B, C), dtype=x.dtype, device=x.device)
+    grad = new_grad_buffer((B, C), x, grad)
     if B == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device), grad
     block_r, block_c = block_sizes(C)

@@ -5,6 +5,8 @@ Usage::
     python -m radio_kernels.audit                 # all kernels, sm_90 and sm_80
     python -m radio_kernels.audit --only mesa     # kernels whose name contains "mesa"
     python -m radio_kernels.audit --arch 90
+    python -m radio_kernels.audit --list          # registered configurations, no compilation
+    python -m radio_kernels.audit --sample        # first and last configuration of each kernel
 
 For each configuration a host wrapper can launch (dtype, block sizes, num_warps, constexprs),
 the kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
@@ -29,7 +31,9 @@ functions); when it is set, this module re-runs itself in a subprocess with it r
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -71,8 +75,12 @@ class AuditResult:
         return out
 
 
-def collect_configs(only: str | None = None) -> list[AuditConfig]:
-    """Every AuditConfig defined by a module of the radio_kernels package (filtered by name)."""
+def collect_configs(only: list[str] | str | None = None, sample: bool = False) -> list[AuditConfig]:
+    """Every AuditConfig defined by a module of the radio_kernels package.
+
+    ``only``: keep kernels whose name contains any of these strings. ``sample``: keep the first
+    and the last configuration of each kernel (registries list small tiles first).
+    """
     import radio_kernels
 
     configs: list[AuditConfig] = []
@@ -85,7 +93,13 @@ def collect_configs(only: str | None = None) -> list[AuditConfig]:
             continue
         configs.extend(entries() if callable(entries) else entries)
     if only:
-        configs = [c for c in configs if only in c.name]
+        names = [only] if isinstance(only, str) else list(only)
+        configs = [c for c in configs if any(n in c.name for n in names)]
+    if sample:
+        by_kernel: dict[str, list[AuditConfig]] = {}
+        for c in configs:
+            by_kernel.setdefault(c.name, []).append(c)
+        configs = [c for group in by_kernel.values() for c in (group[:1] + group[1:][-1:])]
     return configs
 
 
@@ -182,25 +196,50 @@ def format_table(results: list[AuditResult]) -> str:
     return "\n".join(lines)
 
 
-def run_audit(only: str | None = None, archs: tuple[int, ...] = ARCHS) -> tuple[list[AuditResult], str]:
-    configs = collect_configs(only)
-    results = []
+_CONFIGS: list[AuditConfig] = []  # set before forking workers, read by _audit_job
+
+
+def _audit_job(job: tuple[int, int]) -> AuditResult:
+    index, arch = job
     with tempfile.TemporaryDirectory(prefix="radio_audit_") as workdir:
-        for cfg in configs:
-            for arch in archs:
-                results.append(audit_one(cfg, arch, workdir))
+        return audit_one(_CONFIGS[index], arch, workdir)
+
+
+def run_audit(
+    only: list[str] | str | None = None, archs: tuple[int, ...] = ARCHS, jobs: int = 1, sample: bool = False
+) -> tuple[list[AuditResult], str]:
+    """Compile every collected configuration for every arch; ``jobs`` > 1 uses forked workers."""
+    _CONFIGS[:] = collect_configs(only, sample)
+    work = [(i, arch) for i in range(len(_CONFIGS)) for arch in archs]
+    if jobs > 1 and len(work) > 1:
+        ctx = multiprocessing.get_context("fork")  # workers inherit the collected kernels
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_audit_job, work))
+    else:
+        results = [_audit_job(job) for job in work]
     return results, format_table(results)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m radio_kernels.audit", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", metavar="NAME", help="audit only kernels whose name contains NAME")
+    parser.add_argument(
+        "--only", metavar="NAME", action="append", help="audit only kernels whose name contains NAME (repeatable)"
+    )
+    parser.add_argument("--sample", action="store_true", help="only the first and last configuration of each kernel")
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    parser.add_argument("--list", action="store_true", help="print the registered configurations, compile nothing")
     args = parser.parse_args(argv)
+    if args.list:
+        for cfg in collect_configs(args.only, args.sample):
+            print(f"{cfg.name}\t{cfg.label}\tnum_warps={cfg.num_warps}\tnum_stages={cfg.num_stages}")
+        return 0
     start = time.perf_counter()
-    results, table = run_audit(args.only, tuple(args.arch) if args.arch else ARCHS)
+    results, table = run_audit(
+        args.only, tuple(args.arch) if args.arch else ARCHS, jobs=max(args.jobs, 1), sample=args.sample
+    )
     if not results:
-        print(f"no kernel configuration matches --only {args.only!r}", file=sys.stderr)
+        print(f"no kernel configuration matches --only {args.only}", file=sys.stderr)
         return 2
     print(table)
     failed = [r for r in results if r.problems]

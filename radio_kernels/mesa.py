@@ -28,7 +28,7 @@ from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import resolve_backend
 from ._checks import check_feature_pair, check_same_device, check_shift
-from .shifted_mse import check_row_count, overlap_cells, shifted_cells
+from .shifted_mse import check_row_count, new_grad_buffer, overlap_cells, shifted_cells
 
 # Elements per program tile (BLOCK_R cells x BLOCK_C channels); chunks up to 2048 channels so
 # that a realistic C (1280, 1536) is one chunk and the re-reads of sweeps 2-3 are from L1.
@@ -126,18 +126,18 @@ def _mesa_fwd_kernel(
 
 
 def mesa_forward(
-    student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor, eps: float
+    student: torch.Tensor, ema: torch.Tensor, shift: torch.Tensor, eps: float, grad: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: (sum over Omega of ||LN(s) - LN(e)||^2 as 0-dim fp32, its gradient).
 
     Grid: one program per BLOCK_R consecutive student cells in (b, i, j) raster order. Inputs
-    are read through their strides; the gradient is a fresh contiguous tensor of the student's
-    dtype and shape.
+    are read through their strides; the gradient is a contiguous tensor of the student's dtype and
+    shape (``grad`` if given).
     """
     B, Hs, Ws, C = student.shape
     n_rows = B * Hs * Ws
     check_row_count(n_rows, C)
-    grad = torch.empty((B, Hs, Ws, C), dtype=student.dtype, device=student.device)
+    grad = new_grad_buffer((B, Hs, Ws, C), student, grad)
     if n_rows == 0 or C == 0:
         return torch.zeros((), dtype=torch.float32, device=student.device), grad.zero_()
     block_r, block_c = block_sizes(C)

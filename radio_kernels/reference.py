@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Chord lengths ||x^ -+ y^||^2 below this are clamped before the sqrt, so their gradient is 0,
-# not inf, at 0 (parallel / antiparallel rows).
-_TINY = 1e-24
+# Squared chords ||x^ -+ y^||^2 below this are clamped before the sqrt, so their gradient is 0,
+# not inf, at 0 (parallel / antiparallel rows). 2**-40: chords below 2**-20 ~ 1e-6 are at the
+# float32 rounding level of unit vectors, where their direction (hence the gradient of Theta^2
+# near pi) is noise; Theta then bottoms out at ~1e-6 rad instead of 0.
+_TINY = 2.0**-40
 # Rows whose largest |entry| is below the smallest normal float32 count as zero vectors.
 _FLT_MIN = 2.0**-126
 

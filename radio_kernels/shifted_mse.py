@@ -117,19 +117,29 @@ def check_row_count(n_rows: int, C: int) -> None:
         raise ValueError(f"at most 2**31 - 1 cells and channels are supported, got {n_rows} cells of C={C}")
 
 
+def new_grad_buffer(shape, like: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """``grad`` if given (tests pass a NaN-poisoned buffer to catch unwritten elements), else a
+    fresh contiguous tensor of ``like``'s dtype and device."""
+    if grad is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(grad.shape) != tuple(shape) or grad.dtype != like.dtype or not grad.is_contiguous():
+        raise ValueError(f"grad must be a contiguous {like.dtype} tensor of shape {tuple(shape)}")
+    return grad
+
+
 def shifted_mse_forward(
-    student: torch.Tensor, target: torch.Tensor, shift: torch.Tensor
+    student: torch.Tensor, target: torch.Tensor, shift: torch.Tensor, grad: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: returns (sum of squares over Omega as 0-dim fp32, gradient of that sum).
 
     Grid: one program per BLOCK_R consecutive student cells in (b, i, j) raster order; each loops
     over C in BLOCK_C chunks. Inputs are read through their strides (any layout); the gradient is
-    a fresh contiguous (B, Hs, Ws, C) tensor of the student's dtype.
+    a contiguous (B, Hs, Ws, C) tensor of the student's dtype (``grad`` if given).
     """
     B, Hs, Ws, C = student.shape
     n_rows = B * Hs * Ws
     check_row_count(n_rows, C)
-    grad = torch.empty((B, Hs, Ws, C), dtype=student.dtype, device=student.device)
+    grad = new_grad_buffer((B, Hs, Ws, C), student, grad)
     if n_rows == 0:  # nothing to launch (and no division by Hs * Ws == 0 in the kernel)
         return torch.zeros((), dtype=torch.float32, device=student.device), grad
     block_r, block_c = block_sizes(C)

@@ -1,0 +1,157 @@
+"""Helpers shared by the benchmarks: device naming, result files, timing, reference measurements.
+
+A benchmark module ``bench/<name>.py`` is run as ``python -m bench.<name> --device D --out DIR
+[--quick]`` (see ``bench.run_all``) and writes ``<name>_<date>_<device>[_quick].{csv,md}`` under
+``--out``. Every result table carries the device's own reference numbers measured in the same run
+(device-to-device copy bandwidth, bf16 matmul throughput), so "achieved GB/s" can be read as a
+fraction of what the machine actually does, not of a datasheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+# ----------------------------------------------------------------------------------------
+# naming and files
+# ----------------------------------------------------------------------------------------
+def device_slug(device: torch.device | str) -> str:
+    """'nvidia-h200' for a GPU, 'cpu<cores>' for the CPU: safe in file names."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def result_stem(out_dir: str, name: str, device: torch.device | str, quick: bool = False) -> str:
+    """``out_dir/<name>_<YYYY-MM-DD>_<device>[_quick]`` (add .csv / .md)."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    return os.path.join(out_dir, f"{name}_{stamp}_{device_slug(device)}{'_quick' if quick else ''}")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=RESULTS_DIR, help="directory for the CSV and markdown results")
+    parser.add_argument("--quick", action="store_true", help="smoke sizes: seconds, not minutes")
+    return parser
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, title: str, notes: list[str], rows: list[dict], columns: list[str] | None = None):
+    text = f"# {title}\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(rows, columns) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# timing and memory
+# ----------------------------------------------------------------------------------------
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median / min milliseconds of ``fn()`` (CUDA events on a GPU, perf_counter on the CPU)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times)}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak device memory above what was allocated before ``fn()`` ran (MB); None on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ----------------------------------------------------------------------------------------
+# the machine's own reference numbers
+# ----------------------------------------------------------------------------------------
+def copy_bandwidth_gbps(device: torch.device | str, mbytes: int = 1024) -> float:
+    """Device copy bandwidth: (read + write bytes) / time of ``dst.copy_(src)``."""
+    device = torch.device(device)
+    n = mbytes * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, warmup=2, repeats=10)["ms_min"]
+    return 2 * src.numel() * 4 / (t * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device | str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense n x n x n matmul throughput in TFLOP/s."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_ms(lambda: a @ b, device, warmup=2, repeats=10)["ms_min"]
+    return 2 * n**3 / (t * 1e-3) / 1e12
+
+
+def reference_numbers(device: torch.device | str, quick: bool = False) -> dict:
+    """{'copy_GBps', 'bf16_matmul_TFLOPs'} measured now (smaller problems on the CPU / quick)."""
+    on_gpu = torch.device(device).type == "cuda"
+    mbytes = 1024 if on_gpu and not quick else 64
+    n = 8192 if on_gpu and not quick else 512
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU bf16 matmul is not representative
+    return {
+        "copy_GBps": copy_bandwidth_gbps(device, mbytes),
+        f"{'bf16' if on_gpu else 'fp32'}_matmul_TFLOPs": matmul_tflops(device, n, dtype),
+    }
