@@ -223,9 +223,16 @@ class PHISNormalizer(nn.Module):
         cov = self.sum_outer / self.count - torch.outer(mu, mu)
         cov = 0.5 * (cov + cov.T)  # eigh wants exact symmetry; rounding breaks it slightly.
         lam, u = torch.linalg.eigh(cov)
+        h = self.rotation.to(u.device)
+        if self.num_fits > 0:
+            # eigh returns each eigenvector up to its sign: flip every new one towards the previous
+            # basis (U_old = F_old H / alpha_old) so that a refresh moves the targets smoothly instead
+            # of negating channels the student has already learnt.
+            u_old = self.forward_matrix @ h / self.alpha
+            sign = torch.sign((u_old * u).sum(0))
+            u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
         # Covariance is PSD; tiny negative eigenvalues are rounding noise.
         alpha = lam.clamp_min(0).mean().clamp_min(self.eps).rsqrt()
-        h = self.rotation.to(u.device)
         self.mean.copy_(mu)
         self.alpha.copy_(alpha)
         self.forward_matrix.copy_((alpha * h @ u.T).T)
