@@ -23,7 +23,7 @@ matmul TFLOP/s of the same device (``bench._common``; fp32 on a CPU). A step is 
 well-defined number of bytes, so its copy-bandwidth fraction is not given; the measured copy
 bandwidth is printed with the table as the device's reference.
 
-    python -m bench.train_step --device cuda          # vit-b, so400m x 512, 1024 px; bf16; ~2.5 min
+    python -m bench.train_step --device cuda          # vit-b, so400m x 512, 1024 px; bf16; --budget-s 170
     python -m bench.train_step --device cpu --quick   # tiny student at 64 px, torch backend, seconds
 
 Teachers: on a GPU "wide" random teachers with the real widths and patch/canvas geometry of
