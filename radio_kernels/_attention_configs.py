@@ -56,6 +56,11 @@ def _tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         ("dkdv_prefix", False): Tile(16, 64, 4, 3),
         ("delta", False): Tile(64, 0, 4, 1),
     }
+    if bd <= 32:
+        # Tiny rows: some 16-row prefix tiles spill a few bytes at 3 stages or 128 columns (ptxas, sm_90a).
+        t["fwd_prefix", False] = Tile(16, 64, 4, 3)
+        t["dq_prefix", False] = Tile(16, 64, 4, 2)
+        t["dkdv_prefix", False] = Tile(16, 64, 4, 2)
     if es == 4 and bd == 128:
         # float32 rows of 512 bytes: TF32 wgmma wants both operands K-major, and dK/dV's
         # p^T dO and ds^T Q are not, so the transposes cost registers. These tiles are the largest
@@ -66,8 +71,8 @@ def _tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("fwd_prefix", False): Tile(16, 32, 4, 3),
             ("dq", True): Tile(32, 32, 4, 3),
             ("dq_prefix", False): Tile(16, 32, 4, 3),
-            ("dkdv", False): Tile(32, 32, 4, 3),
-            ("dkdv", True): Tile(32, 32, 4, 3),
+            ("dkdv", False): Tile(32, 32, 4, 2),
+            ("dkdv", True): Tile(32, 32, 4, 2),
             ("dkdv_prefix", False): Tile(16, 32, 4, 3),
         })  # fmt: skip
     return t
