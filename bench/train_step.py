@@ -52,7 +52,7 @@ from bench.summary import measure_reference
 from radio.teachers import DINOv3Teacher, Sam3Teacher, SiglipTeacher
 from radio.teachers.loading import _DEFAULT_NORM
 from radio.train import TrainConfig
-from radio.train.build import build_optimizer, build_student, lr_factor, update_ema
+from radio.train.build import build_optimizer, build_student, lr_factor, optimizer_step
 from radio.train.damp import linear_weight_names
 from radio.train.data import SampleSpec, collate, make_views
 from radio.train.step import StepModels, micro_step_losses
@@ -217,11 +217,7 @@ class StepBench:
         finally:
             if self._eager_blocks is not None:
                 m.raw.blocks = self._eager_blocks
-        torch.nn.utils.clip_grad_norm_(m.raw.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        update_ema(m.ema, m.raw, cfg.loss.ema_decay)
+        optimizer_step(m.raw, m.ema, self.optimizer, self.scheduler, cfg.optim.grad_clip, cfg.loss.ema_decay)
         return objective.detach()
 
     def count_flops(self) -> float:

@@ -12,7 +12,7 @@ from radio.model import AdaptorSpec, RadioConfig, RadioModel
 from .config import OptimConfig, TrainConfig
 from .teaching import TeacherSlot
 
-__all__ = ["build_optimizer", "build_student", "lr_factor", "update_ema"]
+__all__ = ["build_optimizer", "build_student", "lr_factor", "optimizer_step", "update_ema"]
 
 
 def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
@@ -72,3 +72,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def optimizer_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, grad_clip: float, ema_decay: float):
+    """The end of every training step: clip, AdamW, zero the gradients, advance the LR, update the EMA.
+
+    Returns the gradient norm before clipping (``grad_clip <= 0`` disables clipping).
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    update_ema(ema, model, ema_decay)
+    return grad_norm

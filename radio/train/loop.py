@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .align import ViewPlan
-from .build import build_optimizer, build_student, lr_factor, update_ema
+from .build import build_optimizer, build_student, lr_factor, optimizer_step
 from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
@@ -263,13 +262,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                 (objective / accum).backward()
             for k, v in parts.items():
                 totals[k] += v / accum
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        update_ema(ema, raw, cfg.loss.ema_decay)
+        grad_norm = optimizer_step(raw, ema, optimizer, scheduler, cfg.optim.grad_clip, cfg.loss.ema_decay)
 
         # ------------------------------------------------------------ metrics (summed over ranks)
         done = step + 1
