@@ -14,7 +14,7 @@ Gradient (per row; e = x^ - y^, f = x^ + y^, M = ||e||^2, P = ||f||^2, m = sqrt(
     dTheta^2/dx^ = k_m e - k_p f,   k_m = 4 Theta p / (m (m^2 + p^2)),  k_p = 4 Theta m / (p (m^2 + p^2))
     dTheta^2/dx  = (g - x^ (x^ . g)) / ||x||,   g = dTheta^2/dx^
 
-(k_m = 0 when M is clamped at 0, k_p = 0 when P is; both finite elsewhere since Theta ~ m near 0.)
+(k_m = k_p = 0 when M or P is clamped at 2**-40; both finite elsewhere since Theta ~ m near 0.)
 
 Kernel plan: one program per BLOCK_R rows, three sweeps over C in BLOCK_C chunks: (1) scaled
 sums of squares (LAPACK nrm2 style: running max |x| and sum (x / max)^2, so 1e-30 and 1e30 rows
@@ -134,8 +134,11 @@ def _angular_fwd_kernel(
     p = tl.sqrt(tl.maximum(sum_ff, CHORD_TINY))
     theta = 2.0 * atan2_nonneg(m, p)
     denom = m * m + p * p
-    k_m = tl.where(sum_ee > CHORD_TINY, 4.0 * theta * p / (m * denom), 0.0)
-    k_p = tl.where(sum_ff > CHORD_TINY, 4.0 * theta * m / (p * denom), 0.0)
+    # Either chord clamped (within ~1e-6 rad of parallel / antiparallel): zero gradient, as in
+    # reference.angle, since the small chord's direction is rounding noise there.
+    live = (sum_ee > CHORD_TINY) & (sum_ff > CHORD_TINY)
+    k_m = tl.where(live, 4.0 * theta * p / (m * denom), 0.0)
+    k_p = tl.where(live, 4.0 * theta * m / (p * denom), 0.0)
     tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, theta * theta, 0.0), axis=0))
 
     # Sweep 3: dTheta^2/dx = (k_m (e - x^ (x^.e)) - k_p (f - x^ (x^.f))) / ||x||  (0 on zero rows).

@@ -104,15 +104,18 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Row-wise angle in [0, pi] between x and y (..., C), finite with finite gradients.
 
-    Theta = 2 atan2(||x^ - y^||, ||x^ + y^||) on unit rows (see ``unit_rows``). Both chords are
-    clamped away from 0 before the square root, so parallel rows (Theta = 0) and antiparallel
-    rows (Theta = pi) get a zero gradient through the vanishing chord instead of 0 * inf. A zero
-    row is the zero vector (x^ = 0, zero gradient), giving Theta = pi / 2.
+    Theta = 2 atan2(||x^ - y^||, ||x^ + y^||) on unit rows (see ``unit_rows``). Both squared
+    chords are clamped at 2**-40 before the square root, and where either is clamped (parallel:
+    Theta ~ 1e-6, antiparallel: Theta ~ pi) the gradient is 0 instead of 0 * inf or a direction
+    made of rounding noise. A zero row is the zero vector (x^ = 0, zero gradient): Theta = pi / 2.
     """
     x_hat, y_hat = unit_rows(x), unit_rows(y)
-    minus = (x_hat - y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
-    plus = (x_hat + y_hat).square().sum(-1).clamp(min=_TINY).sqrt()
-    return 2 * torch.atan2(minus, plus)
+    minus2 = (x_hat - y_hat).square().sum(-1)
+    plus2 = (x_hat + y_hat).square().sum(-1)
+    theta = 2 * torch.atan2(minus2.clamp(min=_TINY).sqrt(), plus2.clamp(min=_TINY).sqrt())
+    # Within ~1e-6 rad of parallel or antiparallel the direction of the small chord is rounding
+    # noise: treat Theta as locally constant there (zero gradient through both chords).
+    return torch.where((minus2 <= _TINY) | (plus2 <= _TINY), theta.detach(), theta)
 
 
 def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion: torch.Tensor | float) -> torch.Tensor:

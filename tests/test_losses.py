@@ -239,9 +239,10 @@ def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiny_til
     kernel = lambda x, y: angular_loss(x, y, dispersion, backend="triton")
     ref = lambda x, y: reference.angular_loss(x, y, dispersion)
     with small_blocks(angular_mod, 4, 16) if tiny_tiles else contextlib.nullcontext():
-        # Near +-x the angle is ill-conditioned (relative error ~ eps / Theta): the two float32
-        # paths round differently, so allow more than the 2x-same-precision rule there.
-        check_against_reference(kernel, ref, x, (y,), go, "angular", ulps=4.0 if near == "random" else 64.0)
+        # Near +-x the angle is ill-conditioned: unit vectors carry ~eps absolute error, so Theta
+        # has relative error ~eps / Theta (~1e-4 here) on any float32 path, and the two paths
+        # round independently. Allow that (still far below what a wrong formula gives).
+        check_against_reference(kernel, ref, x, (y,), go, "angular", ulps=4.0 if near == "random" else 1024.0)
 
 
 def test_angular_multi_chunk_channels_and_tensor_dispersion():
