@@ -204,7 +204,9 @@ def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
     if isinstance(dispersion, torch.Tensor):
         if dispersion.numel() != 1:
             raise ValueError(f"dispersion must be a float or a 0-dim tensor, got shape {tuple(dispersion.shape)}")
-        disp = dispersion.reshape(()).to(device=device, dtype=torch.float32)
+        if dispersion.device != device:
+            raise ValueError(f"dispersion must be on {device} like x and y, got a tensor on {dispersion.device}")
+        disp = dispersion.reshape(()).to(dtype=torch.float32)
         if not torch.compiler.is_compiling() and not disp.is_cuda and not bool(disp > 0):
             raise ValueError(f"dispersion must be > 0, got {disp.item()}")
         return disp

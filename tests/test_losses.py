@@ -350,6 +350,8 @@ def test_bad_input_names_the_argument():
     for bad in (0.0, -1.0, torch.tensor(-0.5), float("nan")):
         with pytest.raises(ValueError, match="dispersion"):
             angular_loss(x, x, bad, backend="triton")
+    with pytest.raises(ValueError, match="dispersion must be on"):
+        angular_loss(x, x, torch.tensor(1.0, device="meta"), backend="triton")
     with pytest.raises(ValueError, match="x and y"):
         angular_loss(x, x[:, :5], 1.0, backend="triton")
     with pytest.raises(ValueError, match="rank"):
