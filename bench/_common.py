@@ -55,6 +55,11 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` (+ suffix); "n/a" for None and NaN (a point not measured)."""
+    return "n/a" if value is None or value != value else f"{value:{spec}}{suffix}"
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"

@@ -312,16 +312,12 @@ def markdown(rows: list[dict], title: str, notes: list[str]) -> str:
     for r in rows:
         cells = [str(r["px"]), str(r["n"]), str(r["batch"]), str(r["head_dim"]), r["mode"], r["which"], r["provider"]]
         if r["status"] == "ok":
-            cells += [_fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"), _fmt(r["peak_mb"], ".0f")]
-            cells.append(_fmt(r["vs_best_sdpa"], ".2f", "x"))
+            cells += [_common.fmt(r["ms"], ".3f"), _common.fmt(r["tflops"], ".3g"), _common.fmt(r["peak_mb"], ".0f")]
+            cells.append(_common.fmt(r["vs_best_sdpa"], ".2f", "x"))
         else:
             cells += [r["status"], "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None or value != value else f"{value:{spec}}{suffix}"
 
 
 def main(argv=None) -> list[dict]:

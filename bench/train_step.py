@@ -402,21 +402,17 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
                 str(r["resolution"]),
                 str(r["batch"]),
                 r["provider"],
-                _fmt(r["images_per_s"], ".2f"),
-                _fmt(r["speedup_vs_torch"], ".2f", "x"),
-                _fmt(r["peak_mem_gib"], ".2f"),
-                _fmt(r["mem_vs_torch"], ".2f", "x"),
-                _fmt(r["step_ms_median"], ".1f"),
-                _fmt(r["achieved_tflops"], ".3g"),
-                _fmt(100 * r["frac_of_matmul"], ".1f", "%"),
-                _fmt(r["first_step_s"], ".1f"),
+                _common.fmt(r["images_per_s"], ".2f"),
+                _common.fmt(r["speedup_vs_torch"], ".2f", "x"),
+                _common.fmt(r["peak_mem_gib"], ".2f"),
+                _common.fmt(r["mem_vs_torch"], ".2f", "x"),
+                _common.fmt(r["step_ms_median"], ".1f"),
+                _common.fmt(r["achieved_tflops"], ".3g"),
+                _common.fmt(100 * r["frac_of_matmul"], ".1f", "%"),
+                _common.fmt(r["first_step_s"], ".1f"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None or value != value else f"{value:{spec}}{suffix}"
 
 
 def main(argv=None) -> list[dict]:
