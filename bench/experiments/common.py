@@ -21,6 +21,7 @@ from radio.model import AdaptorSpec, RadioConfig, RadioModel
 from radio.train.data import ImageSource, split_holdout
 
 __all__ = [
+    "EXTRA_HELDOUT",
     "RESULTS_DIR",
     "Stopwatch",
     "ImagePool",
@@ -31,6 +32,9 @@ __all__ = [
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "experiments"
 HOLDOUT = 3  # held-out bundled images (chelsea, coffee, rocket; see radio.train.data.BUNDLED_IMAGES)
+# scikit-image images outside BUNDLED_IMAGES that load offline (``cat`` is chelsea again; the right
+# stereo_motorcycle view is the training "motorcycle" scene): more held-out images for an evaluation.
+EXTRA_HELDOUT = ("cell", "microaneurysms", "shepp_logan_phantom")
 
 
 class ImagePool:
@@ -38,13 +42,20 @@ class ImagePool:
 
     ``canvases(n, side, generator)`` draws n random square crops (one random image each, crop side a
     uniform fraction ``crop_scale`` of the short side, position uniform), each resized to side x side.
+    ``extra``: names of further scikit-image images (e.g. ``EXTRA_HELDOUT``) appended to the pool.
     """
 
-    def __init__(self, split: str, short_side: int = 192, crop_scale: Sequence[float] = (0.35, 1.0)):
+    def __init__(
+        self, split: str, short_side: int = 192, crop_scale: Sequence[float] = (0.35, 1.0), extra: Sequence[str] = ()
+    ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         train, held = split_holdout(ImageSource.from_config(None), HOLDOUT)
         source = train if split == "train" else held
+        overlap = set(extra) & set(ImageSource.from_config(None).items)
+        if overlap:
+            raise ValueError(f"extra must name images outside the bundled training set, got {sorted(overlap)}")
+        source = ImageSource([*source.items, *extra], bundled=True)
         self.names = [source.name(i) for i in range(len(source))]
         self.crop_scale = tuple(crop_scale)
         self.images = []
