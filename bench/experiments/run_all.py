@@ -51,15 +51,7 @@ def summary_markdown(fp: dict, bs: dict, rc: dict) -> str:
     for label, arm in (("no shifts", "without_shift"), ("whole-patch shifts", "with_shift")):
         lines.append(f"| {label} | {_f(fp[f'noise_reproduced_{arm}'])} | {_f(fp[f'clean_fidelity_{arm}'])} |")
     lines.append(f"| (optimal shift-blind student) | {_f(fp['noise_reproduced_ideal_with_shift'])} | |")
-    lines += ["", "### Balanced summary loss (`balanced_summary.json`): E[Theta^2] / Disp per teacher", ""]
-    teachers = list(bs["dispersion"])
-    lines.append("| loss | " + " | ".join(f"{t} (Disp {bs['dispersion'][t]:.2f})" for t in teachers) + " | max/min |")
-    lines.append("|---" * (len(teachers) + 2) + "|")
-    for k in balanced_summary.LOSSES:
-        row = " | ".join(_f(bs[k][t]) for t in teachers)
-        seen = " | ".join(_f(bs["training_images"][k][t]) for t in teachers)
-        lines.append(f"| {k}, held-out | {row} | {_f(bs['spread'][k])} |")
-        lines.append(f"| {k}, training images | {seen} | {_f(bs['training_images']['spread'][k])} |")
+    lines += ["", balanced_summary.markdown(bs).rstrip("\n")]
     lines += ["", "### Resolution consistency (`resolution_consistency.json`): spatial cosine, trained student", ""]
     res, parts = rc["resolutions"], rc["partitions"]
     lines.append("| teacher | " + " | ".join(f"{r} ({p})" for r, p in zip(res, parts)) + " |")
