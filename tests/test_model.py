@@ -7,7 +7,7 @@ import torch
 
 from radio import AdaptorSpec, RadioConfig, RadioModel, RadioOutput
 from radio.model.adaptors import pixel_shuffle_tokens
-from radio.model.cpe import MIN_SIDE_SCALE, PositionEmbedding
+from radio.model.cpe import MIN_SIDE_SCALE, PositionEmbedding, draw_cpe_uniforms
 
 
 def tiny(**overrides) -> RadioConfig:
@@ -166,6 +166,77 @@ def test_cpe_training_randomness_comes_from_the_generator_and_dropout_zeroes_sam
     dropped = (a.flatten(1) == 0).all(dim=1)
     assert 0.25 < dropped.float().mean() < 0.75
     assert not torch.equal(a[~dropped][0], a[~dropped][1])  # per-sample crops
+
+
+def test_cpe_uniforms_set_each_crop_by_the_documented_formulas():
+    side = 17
+    pe = _coordinate_table(side)
+    pe.pos_dropout = 0.5
+    # Columns: side scale, aspect, offset x, offset y, dropout.
+    u = torch.tensor(
+        [
+            [1.0, 0.5, 0.3, 0.9, 0.9],  # s = 1, a = 1: the whole table, whatever the offsets
+            [0.0, 0.5, 1.0, 0.0, 0.9],  # s = sqrt(0.1), a = 1: right edge, top edge
+            [0.5, 1.0, 0.25, 0.75, 0.9],  # a = 4/3: wider than tall
+            [1.0, 0.5, 0.0, 0.0, 0.1],  # dropped: u4 < pos_dropout
+        ]
+    )
+    pos = pe.train_embedding(4, 3, 5, uniforms=u) / (side - 1)
+    x, y = pos[..., 0], pos[..., 1]
+    torch.testing.assert_close(x[0, 0], torch.linspace(0, 1, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[0, :, 0], torch.linspace(0, 1, 3), atol=1e-5, rtol=0)
+    s = MIN_SIDE_SCALE
+    torch.testing.assert_close(x[1, 0], torch.linspace(1 - s, 1, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[1, :, 0], torch.linspace(0, s, 3), atol=1e-5, rtol=0)
+    s = MIN_SIDE_SCALE + (1 - MIN_SIDE_SCALE) * 0.5
+    sx, sy = min(s * 4 / 3, 1.0), s * 3 / 4
+    torch.testing.assert_close(x[2, 0], 0.25 * (1 - sx) + sx * torch.linspace(0, 1, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[2, :, 0], 0.75 * (1 - sy) + sy * torch.linspace(0, 1, 3), atol=1e-5, rtol=0)
+    assert torch.equal(pos[3], torch.zeros_like(pos[3]))
+
+
+def test_cpe_sample_depends_only_on_its_own_uniforms():
+    torch.manual_seed(0)
+    pe = PositionEmbedding(6, table_side=12, pos_dropout=0.3).train()
+    u = draw_cpe_uniforms(5, torch.Generator().manual_seed(4), torch.device("cpu"))
+    full = pe.train_embedding(5, 4, 7, uniforms=u)
+    for b in range(5):  # alone, in a reversed batch, next to other samples: the same embedding
+        torch.testing.assert_close(pe.train_embedding(1, 4, 7, uniforms=u[b : b + 1])[0], full[b], atol=1e-6, rtol=0)
+    torch.testing.assert_close(pe.train_embedding(5, 4, 7, uniforms=u.flip(0)), full.flip(0), atol=1e-6, rtol=0)
+    others = torch.cat([u[2:3], torch.rand(3, 5)])
+    torch.testing.assert_close(pe.train_embedding(4, 4, 7, uniforms=others)[0], full[2], atol=1e-6, rtol=0)
+    # The generator path draws exactly these uniforms.
+    assert torch.equal(pe.train_embedding(5, 4, 7, torch.Generator().manual_seed(4)), full)
+
+    # Through the whole model in train mode: sample b's output depends on (x[b], u[b]) only.
+    model = make_model().train()
+    x = images(3, 48, 64)
+    with torch.no_grad():
+        out = model(x, cpe_uniforms=u[:3]).features
+        alone = model(x[1:2], cpe_uniforms=u[1:2]).features
+        ev = model.eval()(x, cpe_uniforms=u[:3]).features  # eval mode: uniforms are ignored
+    torch.testing.assert_close(alone[0], out[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ev, model(x).features)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.rand(2, 4), ValueError, "shape"),
+        (torch.rand(5), ValueError, "shape"),
+        (torch.full((2, 5), 1.5), ValueError, r"\[0, 1\]"),
+        (torch.tensor([[0.5] * 5, [float("nan")] * 5]), ValueError, "NaN"),
+        (torch.ones(2, 5, dtype=torch.long), TypeError, "floating"),
+        ([[0.5] * 5] * 2, TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_cpe_uniforms_raise(bad, error, match):
+    model = make_model().train()
+    with pytest.raises(error, match=match) as info:
+        model(images(2, 32, 32), cpe_uniforms=bad)
+    assert "cpe_uniforms" in str(info.value)
+    with pytest.raises(error, match=match):  # validated in eval mode too, where they are unused
+        model.eval()(images(2, 32, 32), cpe_uniforms=bad)
 
 
 def test_model_train_mode_is_random_and_reproducible_eval_is_not():

@@ -3,7 +3,8 @@
 Forward pass for x (B, 3, H, W) in [0, 1], token grid h = H/p, w = W/p, P prefix tokens::
 
     x      = (x - mean) / std                                    (skipped after make_preprocessor_external)
-    tokens = PatchEmbed(x) + CPE(h, w)                           (B, h*w, D), raster order
+    tokens = PatchEmbed(x) + CPE(h, w)                           (B, h*w, D), raster order; training: per-sample
+                                                                 crops from cpe_uniforms (B, 5), see radio.model.cpe
     tokens = [prefix tokens (P, D) ; tokens]                     (B, P + h*w, D)
     tokens = blocks(tokens)                                      ViTDet schedule, see radio.model.vitdet
     tokens = LN(tokens)                                          final norm (config.final_norm), all tokens
@@ -211,11 +212,13 @@ class RadioModel(nn.Module):
         return H // self.patch_size, W // self.patch_size
 
     # ------------------------------------------------------------------ trunk
-    def _embed(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, cpe_uniforms: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.check_input(x)
         if not self._external_preprocessor:
             x = self.input_norm(x)
-        tokens = self.cpe(self.patch_embed(x), grid, generator)
+        tokens = self.cpe(self.patch_embed(x), grid, generator, cpe_uniforms)
         prefix = self.prefix_tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return torch.cat([prefix, tokens], dim=1), grid
 
@@ -241,9 +244,14 @@ class RadioModel(nn.Module):
                 taken[i] = run.peek(x)
         return run.exit(x), taken
 
-    def forward_features(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        """All output tokens after the final norm, (B, P + h*w, D) in raster order, and the grid (h, w)."""
-        tokens, grid = self._embed(x, generator)
+    def forward_features(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, cpe_uniforms: torch.Tensor | None = None
+    ):
+        """All output tokens after the final norm, (B, P + h*w, D) in raster order, and the grid (h, w).
+
+        ``generator`` / ``cpe_uniforms``: the training-time CPE randomness, as in ``forward``.
+        """
+        tokens, grid = self._embed(x, generator, cpe_uniforms)
         tokens, _ = self._run_blocks(tokens, grid)
         return self.norm(tokens), grid
 
@@ -265,13 +273,23 @@ class RadioModel(nn.Module):
             out[spec.name] = RadioOutput(summary, format_features(features, grid[0] * k, grid[1] * k, fmt))
         return out
 
-    def forward(self, x: torch.Tensor, feature_fmt: str = "NLC", *, generator: torch.Generator | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        feature_fmt: str = "NLC",
+        *,
+        generator: torch.Generator | None = None,
+        cpe_uniforms: torch.Tensor | None = None,
+    ):
         """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
 
-        ``generator`` drives the training-time CPE randomness (crops, position dropout).
+        Training-time CPE randomness (table crop and position dropout per sample, radio.model.cpe):
+        ``cpe_uniforms`` (B, 5) float U(0, 1) draws, columns (side scale, aspect, offset x, offset y,
+        dropout), fix it per sample, so sample b's embedding depends on ``cpe_uniforms[b]`` alone; without
+        them the draws come from ``generator`` (else the global RNG). Both are unused in eval mode.
         """
         _check_feature_fmt("feature_fmt", feature_fmt)
-        tokens, grid = self.forward_features(x, generator)
+        tokens, grid = self.forward_features(x, generator, cpe_uniforms)
         return self._outputs(tokens, grid, feature_fmt)
 
     def forward_intermediates(
@@ -285,6 +303,7 @@ class RadioModel(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         generator: torch.Generator | None = None,
+        cpe_uniforms: torch.Tensor | None = None,
     ):
         """Per-block outputs, timm style.
 
@@ -293,7 +312,8 @@ class RadioModel(nn.Module):
         order (in ``output_fmt``), or ``RadioOutput(summary, features)`` with ``return_prefix_tokens``.
         ``norm`` applies the final norm to them. Returns ``intermediates`` when ``intermediates_only``
         (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
-        where ``final`` is what ``forward(x, output_fmt)`` returns.
+        where ``final`` is what ``forward(x, output_fmt)`` returns. ``generator`` / ``cpe_uniforms``: the
+        training-time CPE randomness, as in ``forward``.
         """
         _check_feature_fmt("output_fmt", output_fmt)
         depth = len(self.blocks)
@@ -307,7 +327,7 @@ class RadioModel(nn.Module):
             take = sorted({i + depth if i < 0 else i for i in indices})
             if not take or take[0] < 0 or take[-1] >= depth:
                 raise ValueError(f"indices must name blocks in [-{depth}, {depth}), got {list(indices)}")
-        tokens, grid = self._embed(x, generator)
+        tokens, grid = self._embed(x, generator, cpe_uniforms)
         stop = take[-1] if (stop_early and intermediates_only) else None
         tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
         intermediates = []
