@@ -54,7 +54,7 @@ from radio.teachers.loading import _DEFAULT_NORM
 from radio.train import TrainConfig
 from radio.train.build import build_optimizer, build_student, lr_factor, optimizer_step
 from radio.train.damp import linear_weight_names
-from radio.train.data import SampleSpec, collate, make_views
+from radio.train.data import SampleSpec, collate, cpe_uniforms, make_views
 from radio.train.step import StepModels, micro_step_losses
 from radio.train.teaching import TeacherSlot, build_teachers, plan_all_views
 
@@ -127,9 +127,10 @@ def synthetic_batch(geometry, resolution: int, partition: str, patch: int, batch
         image = rng.integers(0, 256, (resolution * 2, resolution * 2, 3), dtype=np.uint8)
         crops, origins = make_views(image, geometry, patch, rng)
         views = {k: torch.from_numpy(np.array(v, copy=True)).permute(2, 0, 1) for k, v in crops.items()}
-        samples.append((SampleSpec(q, resolution, partition, 0, q), q, views, origins, []))
+        samples.append((SampleSpec(q, resolution, partition, 0, q), q, views, origins, [], cpe_uniforms(seed, 0, q)))
     batch = collate(samples)
     batch.views = {k: v.to(device) for k, v in batch.views.items()}
+    batch.cpe_uniforms = batch.cpe_uniforms.to(device)
     return batch
 
 
@@ -169,7 +170,7 @@ class StepBench:
         total = 1_000_000
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
         raw.train()
-        generators = {"cpe": torch.Generator(device).manual_seed(17), "damp": torch.Generator(device).manual_seed(29)}
+        generators = {"damp": torch.Generator(device).manual_seed(29)}
         batch = synthetic_batch(geometry[key], resolution, partition, raw.patch_size, batch_size, device)
         models = StepModels(raw, raw, ema, slots, linear_weight_names(raw))
         amp = torch.bfloat16 if device.type == "cuda" else None
@@ -211,7 +212,6 @@ class StepBench:
                 amp_dtype=self.amp_dtype,
                 sigma=0.0,
                 damp_generator=self.generators["damp"],
-                cpe_generator=self.generators["cpe"],
             )
             objective.backward()
         finally:

@@ -14,6 +14,7 @@ from radio.train.data import (
     ViewDataset,
     ViewGeometry,
     collate,
+    cpe_uniforms,
     find_images,
     make_loader,
     make_views,
@@ -159,3 +160,25 @@ def test_samples_do_not_depend_on_workers_or_start():
     assert torch.equal(a[2].origins["ema"], b[0].origins["ema"])
     batch = collate([dataset[s] for s in StepSampler(len(source), 4, [64], [], 0.0, 1, 0, 1).specs(0)])
     assert torch.equal(batch.views["ema"], a[0].views["ema"])
+    assert torch.equal(a[2].cpe_uniforms, b[0].cpe_uniforms) and torch.equal(batch.cpe_uniforms, a[0].cpe_uniforms)
+
+
+def test_cpe_uniforms_are_per_sample_and_the_same_on_every_rank():
+    source = ImageSource.from_config(None)
+    dataset = _dataset(source)
+    full = [collate([dataset[s] for s in StepSampler(len(source), 4, [64], [], 0.0, 1, 0, 2).specs(m)]) for m in (0, 1)]
+    for m, batch in enumerate(full):
+        u = batch.cpe_uniforms
+        assert u.shape == (4, 5) and u.dtype == torch.float32 and ((u >= 0) & (u <= 1)).all()
+        assert len({tuple(row.tolist()) for row in u}) == 4  # every sample its own draw
+        for r in (0, 1):  # a rank's share carries exactly the single-process rows
+            specs = StepSampler(len(source), 4, [64], [], 0.0, 1, 0, 2, rank=r, world_size=2).specs(m)
+            local = collate([dataset[s] for s in specs]).cpe_uniforms
+            assert torch.equal(local, u[2 * r : 2 * r + 2])
+        # A pure function of (seed, micro-step, global position), independent of the image geometry.
+        assert np.array_equal(u[3].numpy(), cpe_uniforms(0, m, 3))
+    assert not torch.equal(full[0].cpe_uniforms, full[1].cpe_uniforms)
+    assert not np.array_equal(cpe_uniforms(0, 0, 0), cpe_uniforms(1, 0, 0))
+    # Many draws look like U(0, 1) in every column (a mean far from 0.5 would bias the crops).
+    many = np.stack([cpe_uniforms(0, m, q) for m in range(40) for q in range(10)])
+    assert np.all(np.abs(many.mean(0) - 0.5) < 0.06) and many.min() >= 0 and many.max() < 1

@@ -1,4 +1,5 @@
-"""Data parallel: 2 gloo processes under torchrun equal one process on the same global batch."""
+"""Data parallel: 2 gloo processes under torchrun equal one process on the same global batch, with the
+student's CPE augmentation on (per-sample uniforms from the data pipeline)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from test_train import tiny_cfg  # noqa: E402
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     cfg = tiny_cfg(tmp_path / "single", steps=3, batch_size=4)
-    cfg.student.cpe_augmentation = False  # the one randomness that is drawn per rank
+    # CPE augmentation stays on (the default): each sample's crop comes from its own seed, not the rank.
+    assert cfg.student.cpe_augmentation
     # A mosaic packs the views of the local batch together, and SAM3's global attention mixes a
     # canvas: co-packed views differ between 1 x 4 and 2 x 2 samples. One view per canvas does not.
     cfg.teachers["sam3"].high_res_mode = "resize"

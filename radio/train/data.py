@@ -2,9 +2,10 @@
 
 Per micro-step ``m`` and global batch position ``q`` everything is a pure function of
 ``(seed, m, q)``: which image (an epoch-wise permutation), the resolution (per micro-step), the
-crop scale, the base crop and every view's shift. So the loader is resumable by step (start at
-``m``), independent of the number of DataLoader workers, and a DDP rank r of W simply takes the
-positions ``q`` in ``[r*B/W, (r+1)*B/W)`` of the same global batch.
+crop scale, the base crop, every view's shift and the student's CPE augmentation
+(``cpe_uniforms``). So the loader is resumable by step (start at ``m``), independent of the number
+of DataLoader workers, and a DDP rank r of W simply takes the positions ``q`` in
+``[r*B/W, (r+1)*B/W)`` of the same global batch.
 
 One sample at resolution R (views and their geometry come from ``radio.train.align.ViewPlan``)::
 
@@ -15,7 +16,9 @@ One sample at resolution R (views and their geometry come from ``radio.train.ali
             crop_v = canvas[origin_v : origin_v + crop_v] (both axes)
 
 The batch carries every view (uint8) and its canvas origin, which is all the trainer needs to
-align features (``radio.train.align.teacher_shift``). Unreadable and tiny images are skipped
+align features (``radio.train.align.teacher_shift``), and per sample the five U(0, 1) draws of the
+student's CPE crop and position dropout (``radio.model.cpe``), from the sample's own stream
+``(seed, m, q, _TAG_CPE)``: the same on any rank or worker, and after a resume. Unreadable and tiny images are skipped
 (the next image is used instead) and reported, never a crash; an empty folder is a ValueError.
 """
 
@@ -31,6 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..model.cpe import CPE_UNIFORMS
+
 __all__ = [
     "BUNDLED_IMAGES",
     "IMAGE_EXTENSIONS",
@@ -40,6 +45,7 @@ __all__ = [
     "ViewDataset",
     "ViewGeometry",
     "collate",
+    "cpe_uniforms",
     "find_images",
     "make_loader",
     "make_views",
@@ -56,7 +62,7 @@ BUNDLED_IMAGES = (
 )  # fmt: skip
 
 # Entropy tags: independent random streams for the same (seed, step).
-_TAG_PERMUTATION, _TAG_RESOLUTION, _TAG_SAMPLE = 0x5EED01, 0x5EED02, 0x5EED03
+_TAG_PERMUTATION, _TAG_RESOLUTION, _TAG_SAMPLE, _TAG_CPE = 0x5EED01, 0x5EED02, 0x5EED03, 0x5EED04
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +294,18 @@ class StepSampler(Sampler):
 # ----------------------------------------------------------------------------------------------
 
 
+def cpe_uniforms(seed: int, micro_step: int, position: int) -> np.ndarray:
+    """The (5,) float32 U(0, 1) draws of one sample's student CPE (``RadioModel.forward(cpe_uniforms=)``).
+
+    Their own stream, keyed by (seed, micro-step, global position) like every per-sample draw here, so
+    adding or changing them never moves the view geometry.
+    """
+    rng = np.random.default_rng([seed, micro_step, position, _TAG_CPE])
+    return rng.random(CPE_UNIFORMS).astype(np.float32)
+
+
 class ViewDataset(Dataset):
-    """Maps a ``SampleSpec`` to (views, origins, skipped image indices).
+    """Maps a ``SampleSpec`` to (spec, image index, views, origins, skipped image indices, CPE uniforms).
 
     geometry[(partition, resolution)] = {view name: ViewGeometry} (student first).
     """
@@ -336,12 +352,13 @@ class ViewDataset(Dataset):
         geometry = self.geometry[(spec.partition, spec.resolution)]
         crops, origins = make_views(image, geometry, self.patch, rng, self.crop_scale, self.shift_std, self.max_shift)
         views = {k: torch.from_numpy(np.array(v, copy=True)).permute(2, 0, 1) for k, v in crops.items()}
-        return spec, index, views, origins, skipped
+        return spec, index, views, origins, skipped, cpe_uniforms(self.seed, spec.micro_step, spec.position)
 
 
 @dataclass
 class Batch:
-    """A micro-batch: uint8 views (B, 3, s, s) per view name, their canvas origins (B, 2) (y, x)."""
+    """A micro-batch: uint8 views (B, 3, s, s) per view name, their canvas origins (B, 2) (y, x), and
+    ``cpe_uniforms`` (B, 5) float32: the student's per-sample CPE randomness (``cpe_uniforms()``)."""
 
     micro_step: int
     resolution: int
@@ -349,6 +366,7 @@ class Batch:
     views: dict[str, torch.Tensor]
     origins: dict[str, torch.Tensor]
     indices: torch.Tensor
+    cpe_uniforms: torch.Tensor
     skipped: list[int] = field(default_factory=list)
 
     def images(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -360,6 +378,7 @@ class Batch:
 
 
 def collate(samples) -> Batch:
+    """``ViewDataset`` items (tuples) of one micro-step -> a ``Batch``."""
     specs = [s[0] for s in samples]
     names = list(samples[0][2])
     return Batch(
@@ -369,6 +388,7 @@ def collate(samples) -> Batch:
         views={k: torch.stack([s[2][k] for s in samples]) for k in names},
         origins={k: torch.tensor([s[3][k] for s in samples], dtype=torch.long) for k in names},
         indices=torch.tensor([s[1] for s in samples], dtype=torch.long),
+        cpe_uniforms=torch.from_numpy(np.stack([s[5] for s in samples])),
         skipped=sorted({i for s in samples for i in s[4]}),
     )
 

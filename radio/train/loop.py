@@ -167,11 +167,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     optimizer = build_optimizer(raw, cfg.optim)
     total = cfg.run.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
-    # Own random streams (saved in checkpoints): CPE augmentation per rank, DAMP noise shared by all ranks.
-    generators = {
-        "cpe": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 17 + info.rank),
-        "damp": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 29),
-    }
+    # Own random streams (saved in checkpoints): DAMP noise, shared by all ranks. The student's CPE
+    # augmentation is not here: it is drawn per sample by the data pipeline (Batch.cpe_uniforms).
+    generators = {"damp": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 29)}
     amp_dtype = _amp_dtype(cfg.run.amp, device)
     accum = cfg.optim.accum_steps
 
@@ -256,7 +254,6 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     amp_dtype=amp_dtype,
                     sigma=sigma,
                     damp_generator=generators["damp"],
-                    cpe_generator=generators["cpe"] if cfg.student.cpe_augmentation else None,
                     world_size=info.world_size,
                 )
                 (objective / accum).backward()

@@ -8,6 +8,13 @@ For each teacher t (views planned by radio.train.align)::
     mesa      = mesa_loss(student backbone features, EMA backbone features on its own crop, shift_ema)
     loss      = sum_t (w_spatial_t spatial_t + w_summary_t summary_t) + w_mesa mesa
 
+CPE randomness: the student's table crop and position dropout come from ``batch.cpe_uniforms``, drawn
+per sample by the data pipeline from the sample's own seed, so they do not depend on the rank, the
+micro-batch or the resume point (in eval-mode CPE, ``student.cpe_augmentation = false``, they are
+ignored). The EMA copy runs in eval mode, hence with the deterministic inference CPE: it is the
+MESA target, and what makes its fixed pattern unknowable to the student is its own shifted crop
+(METHOD.md §4), not a random table crop.
+
 Data parallel: a rank's spatial/MESA loss is a mean over its own overlap cells; it is weighted by
 ``local |Omega| / global |Omega|`` so that the sum over ranks is the mean over the global batch
 (see radio.train.distributed). ``contributions`` are these per-rank shares: summed over ranks they
@@ -93,7 +100,6 @@ def micro_step_losses(
     amp_dtype: torch.dtype | None,
     sigma: float,
     damp_generator: torch.Generator | None,
-    cpe_generator: torch.Generator | None,
     world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch."""
@@ -112,7 +118,7 @@ def micro_step_losses(
             damp_generator,
             x_student,
             feature_fmt="NHWC",
-            generator=cpe_generator,
+            cpe_uniforms=batch.cpe_uniforms.to(device, non_blocking=True),
         )
         with torch.no_grad():
             tokens, ema_grid = models.ema.forward_features(x_ema)
