@@ -78,8 +78,8 @@ class StudentConfig:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
     # The student's own training-time CPE randomness (random position-table crops, position
-    # dropout). Off = the student runs its CPE as at inference (an ablation; also what makes a DDP
-    # run reproduce a single-process run bit for bit, see radio/train/distributed.py).
+    # dropout). Off = the student runs its CPE as at inference (an ablation). Either way DDP matches
+    # one process: each sample's crop comes from its own seed (Batch.cpe_uniforms).
     cpe_augmentation: bool = True
 
 
