@@ -17,6 +17,11 @@ module of the ``radio_kernels`` package and collects these lists; nothing else t
         uses_dot=False,
     )
 
+``archs`` lists the architectures the wrapper launches the entry on (a per-arch tile table gives
+one entry per arch; the audit merges entries that compile to the same binary, see
+:func:`merge_duplicates`). ``expect_wgmma=True`` makes the audit fail unless the sm_90 SASS uses
+HGMMA; ``sample=True`` puts the entry in the quick ``--sample`` subset.
+
 Conventions that mirror what the JIT sees at launch: pointers are marked 16-byte aligned (every
 torch allocation is); integer arguments are ``i32`` unless a config says otherwise; an argument a
 config wants specialised (e.g. a unit channel stride, which the JIT turns into a constant) goes in
@@ -25,12 +30,16 @@ config wants specialised (e.g. a unit channel stride, which the JIT turns into a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 #: Triton's names for the tensor dtypes the ops accept.
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+#: The architectures (compute capability x 10) the audit compiles for: H100/H200 and A100.
+ARCHS = (90, 80)
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,51 @@ class AuditConfig:
     constexprs: dict[str, object]
     num_warps: int = 4
     num_stages: int = 3
-    uses_dot: bool = False  # check that sm_90 SASS uses Hopper tensor cores (HGMMA)
+    uses_dot: bool = False  # report which tensor-core instructions the SASS uses (HGMMA / HMMA)
     aligned: tuple[str, ...] = field(default=())  # extra i32 arguments known to be multiples of 16
+    archs: tuple[int, ...] = ARCHS  # the architectures a host wrapper launches this config on
+    expect_wgmma: bool = False  # fail unless the sm_90 SASS uses Hopper tensor cores (HGMMA)
+    sample: bool = False  # compiled by ``--sample`` (kernels flagging none: their first and last)
 
     @property
     def name(self) -> str:
         return self.kernel.__name__
+
+    @property
+    def binary_key(self) -> tuple:
+        """Everything ``triton.compile`` sees: equal keys give the same binary on a given arch."""
+        return (
+            self.kernel,
+            tuple(self.signature.items()),
+            tuple(sorted(self.constexprs.items())),
+            self.num_warps,
+            self.num_stages,
+            tuple(sorted(self.aligned)),
+        )
+
+
+def merge_duplicates(configs: list[AuditConfig]) -> list[AuditConfig]:
+    """One config per binary: entries with equal ``binary_key`` merged, in first-seen order.
+
+    The merged entry ships to the union of the archs, carries every distinct label (joined with
+    " | ") and keeps ``uses_dot`` / ``expect_wgmma`` / ``sample`` if any entry set them.
+    """
+    merged: dict[tuple, AuditConfig] = {}
+    for cfg in configs:
+        prev = merged.get(cfg.binary_key)
+        if prev is None:
+            merged[cfg.binary_key] = cfg
+            continue
+        labels = prev.label.split(" | ")
+        merged[cfg.binary_key] = replace(
+            prev,
+            label=" | ".join(labels + [cfg.label] * (cfg.label not in labels)),
+            archs=tuple(a for a in ARCHS if a in prev.archs or a in cfg.archs),
+            uses_dot=prev.uses_dot or cfg.uses_dot,
+            expect_wgmma=prev.expect_wgmma or cfg.expect_wgmma,
+            sample=prev.sample or cfg.sample,
+        )
+    return list(merged.values())
 
 
 def signature_of(

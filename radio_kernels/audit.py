@@ -2,21 +2,25 @@
 
 Usage::
 
-    python -m radio_kernels.audit                 # all kernels, sm_90 and sm_80
+    python -m radio_kernels.audit                 # all kernels, each on the archs it ships to
     python -m radio_kernels.audit --only mesa     # kernels whose name contains "mesa"
     python -m radio_kernels.audit --arch 90
     python -m radio_kernels.audit --list          # registered configurations, no compilation
-    python -m radio_kernels.audit --sample        # first and last configuration of each kernel
+    python -m radio_kernels.audit --sample        # flagged configurations (else first and last per kernel)
+    python -m radio_kernels.audit --jobs 4        # parallel compilations (default: the usable CPUs)
 
 For each configuration a host wrapper can launch (dtype, block sizes, num_warps, constexprs),
-the kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
-the PTX is re-assembled with the ``ptxas -v`` that ships with Triton (same flags Triton uses) to
-read registers, spill stores/loads and stack; shared memory comes from the compiled kernel's
-metadata; for configurations that use ``tl.dot`` the sm_90 SASS (``cuobjdump -sass``) is searched
-for Hopper tensor-core instructions (HGMMA; HMMA is the older mma.sync path). Prints one table
-row per (configuration, arch) and exits 1 when any configuration fails to compile, spills, or
-needs more than 227 KB of shared memory (the per-block limit on H100/H200; A100: 163 KB is
-flagged too).
+the kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+for every arch the configuration ships to (``AuditConfig.archs``); configurations that compile to
+the same binary are merged first and compiled once. Registers, spill stores/loads and stack come
+from the ``ptxas -v`` log of Triton's own compilation (the ptxas that ships with Triton, Triton's
+flags; on a Triton cache hit the cached PTX is re-assembled with those flags); shared memory comes
+from the compiled kernel's metadata. Tensor cores: the sm_90 SASS (``cuobjdump -sass``) is searched
+for HGMMA (Hopper wgmma) and HMMA (the older mma.sync path); on sm_80 the PTX's ``mma.sync`` (which
+assembles to HMMA) is reported. Prints one table row per (configuration, arch) and a summary per
+arch, and exits 1 when any configuration fails to compile, spills, needs more shared memory than
+the arch gives one block (``SHARED_LIMIT``: 227 KB on H100/H200, 163 KB on A100), or is marked
+``expect_wgmma`` and has no HGMMA on sm_90.
 
 Adding kernels (e.g. attention): define ``AUDIT_CONFIGS`` in any module of the ``radio_kernels``
 package, a list of :class:`radio_kernels._audit_registry.AuditConfig` or a function returning one,
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import importlib
+import io
 import multiprocessing
 import os
 import pkgutil
@@ -44,10 +50,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._audit_registry import AuditConfig
+from ._audit_registry import ARCHS, AuditConfig, merge_duplicates
 
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max dynamic shared memory per block (bytes)
-ARCHS = (90, 80)
+# Max dynamic shared memory per block (bytes): 227 KB on sm_90, 163 KB (166912 B) on sm_80.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 @dataclass
@@ -61,6 +67,7 @@ class AuditResult:
     stack: int | None = None
     shared: int | None = None
     tensor_cores: str = "-"
+    expect_wgmma: bool = False
     error: str | None = None
 
     @property
@@ -72,14 +79,16 @@ class AuditResult:
             out.append(f"spills {self.spill_stores}/{self.spill_loads} B")
         if self.shared is not None and self.shared > SHARED_LIMIT[self.arch]:
             out.append(f"shared {self.shared / 1024:.1f} KB > {SHARED_LIMIT[self.arch] // 1024} KB")
+        if self.expect_wgmma and self.arch == 90 and "HGMMA" not in self.tensor_cores.split("+"):
+            out.append(f"no HGMMA on sm_90 (tensor cores: {self.tensor_cores})")
         return out
 
 
 def collect_configs(only: list[str] | str | None = None, sample: bool = False) -> list[AuditConfig]:
-    """Every AuditConfig defined by a module of the radio_kernels package.
+    """Every AuditConfig defined by a module of the radio_kernels package, duplicates merged.
 
-    ``only``: keep kernels whose name contains any of these strings. ``sample``: keep the first
-    and the last configuration of each kernel (registries list small tiles first).
+    ``only``: keep kernels whose name contains any of these strings. ``sample``: keep the
+    configurations flagged ``sample``; of a kernel that flags none, its first and last.
     """
     import radio_kernels
 
@@ -92,6 +101,7 @@ def collect_configs(only: list[str] | str | None = None, sample: bool = False) -
         if entries is None:
             continue
         configs.extend(entries() if callable(entries) else entries)
+    configs = merge_duplicates(configs)
     if only:
         names = [only] if isinstance(only, str) else list(only)
         configs = [c for c in configs if any(n in c.name for n in names)]
@@ -99,7 +109,9 @@ def collect_configs(only: list[str] | str | None = None, sample: bool = False) -
         by_kernel: dict[str, list[AuditConfig]] = {}
         for c in configs:
             by_kernel.setdefault(c.name, []).append(c)
-        configs = [c for group in by_kernel.values() for c in (group[:1] + group[1:][-1:])]
+        configs = [
+            c for group in by_kernel.values() for c in ([c for c in group if c.sample] or group[:1] + group[1:][-1:])
+        ]
     return configs
 
 
@@ -109,17 +121,7 @@ def _nvidia_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _ptxas_stats(ptx: str, arch: int, workdir: str) -> dict[str, int]:
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    src = os.path.join(workdir, "k.ptx")
-    Path(src).write_text(ptx)
-    cmd = [_nvidia_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}"]
-    proc = subprocess.run([*cmd, src, "-o", os.path.join(workdir, "k.cubin")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-500:]}")
-    log = proc.stderr + proc.stdout
-
+def _parse_ptxas_log(log: str) -> dict[str, int]:
     def grab(pattern: str) -> int:
         m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
@@ -132,9 +134,38 @@ def _ptxas_stats(ptx: str, arch: int, workdir: str) -> dict[str, int]:
     }
 
 
-def _tensor_core_ops(cubin: bytes, workdir: str) -> str:
+def _ptxas_stats(ptx: str, arch: int, workdir: str) -> dict[str, int]:
+    """Re-assemble ``ptx`` with Triton's ptxas flags (for a kernel Triton's cache returned)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    src = os.path.join(workdir, "k.ptx")
+    Path(src).write_text(ptx)
+    cmd = [_nvidia_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}"]
+    proc = subprocess.run([*cmd, src, "-o", os.path.join(workdir, "k.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-500:]}")
+    return _parse_ptxas_log(proc.stderr + proc.stdout)
+
+
+def _compile_with_ptxas_log(src, arch: int, options: dict) -> tuple[object, str]:
+    """``triton.compile`` for ``arch``, and the ``ptxas -v`` log Triton printed ("" on a cache hit)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    captured = io.StringIO()
+    with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(captured):
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    log = captured.getvalue()
+    return compiled, log if "Used " in log and " registers" in log else ""
+
+
+def _tensor_core_ops(compiled, arch: int, workdir: str) -> str:
+    """HGMMA / HMMA in the sm_90 SASS; on older archs HMMA iff the PTX has mma.sync."""
+    if arch < 90:
+        return "HMMA" if "mma.sync" in compiled.asm["ptx"] else "none"
     path = os.path.join(workdir, "kernel.cubin")
-    Path(path).write_bytes(cubin)
+    Path(path).write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
     found = [op for op in ("HGMMA", "HMMA") if op in sass]
     return "+".join(found) if found else "none"
@@ -142,9 +173,8 @@ def _tensor_core_ops(cubin: bytes, workdir: str) -> str:
 
 def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    result = AuditResult(cfg.name, cfg.label, arch)
+    result = AuditResult(cfg.name, cfg.label, arch, expect_wgmma=cfg.expect_wgmma)
     # Pointers are 16-byte aligned (torch allocations); so are integers the config marks aligned.
     names = list(cfg.signature)
     attrs = {
@@ -154,12 +184,9 @@ def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     }
     try:
         src = triton.compiler.ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-        )
-        stats = _ptxas_stats(compiled.asm["ptx"], arch, workdir)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        compiled, log = _compile_with_ptxas_log(src, arch, options)
+        stats = _parse_ptxas_log(log) if log else _ptxas_stats(compiled.asm["ptx"], arch, workdir)
     except Exception as exc:  # report every failure in the table rather than stopping
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
         return result
@@ -167,8 +194,8 @@ def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     result.spill_stores, result.spill_loads = stats["spill_stores"], stats["spill_loads"]
     result.stack = stats["stack"]
     result.shared = compiled.metadata.shared
-    if cfg.uses_dot:
-        result.tensor_cores = _tensor_core_ops(compiled.asm["cubin"], workdir)
+    if cfg.uses_dot or cfg.expect_wgmma:
+        result.tensor_cores = _tensor_core_ops(compiled, arch, workdir)
     return result
 
 
@@ -205,12 +232,27 @@ def _audit_job(job: tuple[int, int]) -> AuditResult:
         return audit_one(_CONFIGS[index], arch, workdir)
 
 
+def default_jobs() -> int:
+    """The CPUs this process may run on (the cgroup / affinity view, not the host's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run_audit(
-    only: list[str] | str | None = None, archs: tuple[int, ...] = ARCHS, jobs: int = 1, sample: bool = False
+    only: list[str] | str | None = None,
+    archs: tuple[int, ...] = ARCHS,
+    jobs: int | None = None,
+    sample: bool = False,
 ) -> tuple[list[AuditResult], str]:
-    """Compile every collected configuration for every arch; ``jobs`` > 1 uses forked workers."""
+    """Compile every collected configuration for each of its archs among ``archs``.
+
+    ``jobs``: parallel compilations in forked workers (default: ``default_jobs()``).
+    """
+    jobs = default_jobs() if jobs is None else jobs
     _CONFIGS[:] = collect_configs(only, sample)
-    work = [(i, arch) for i in range(len(_CONFIGS)) for arch in archs]
+    work = [(i, arch) for i, cfg in enumerate(_CONFIGS) for arch in archs if arch in cfg.archs]
     if jobs > 1 and len(work) > 1:
         ctx = multiprocessing.get_context("fork")  # workers inherit the collected kernels
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -220,33 +262,62 @@ def run_audit(
     return results, format_table(results)
 
 
+def summarize(results: list[AuditResult]) -> str:
+    """Per arch: compilations, ok, spilling, over the shared-memory limit, errors, HGMMA checks."""
+    lines = []
+    for arch in sorted({r.arch for r in results}, reverse=True):
+        mine = [r for r in results if r.arch == arch]
+        spills = sum(bool(r.spill_stores or r.spill_loads) for r in mine)
+        smem = sum(r.shared is not None and r.shared > SHARED_LIMIT[arch] for r in mine)
+        line = (
+            f"sm_{arch}: {len(mine)} compiled, {sum(not r.problems for r in mine)} ok, {spills} spill, "
+            f"{smem} over {SHARED_LIMIT[arch] // 1024} KB shared, {sum(r.error is not None for r in mine)} errors"
+        )
+        if mine:
+            shared, regs = max(r.shared or 0 for r in mine), max(r.regs or 0 for r in mine)
+            line += f"; max shared {shared / 1024:.1f} KB, max regs {regs}"
+        checked = [r for r in mine if r.expect_wgmma]
+        if arch == 90 and checked:
+            with_hgmma = sum("HGMMA" in r.tensor_cores.split("+") for r in checked)
+            line += f"; HGMMA in {with_hgmma}/{len(checked)} configurations that require it"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m radio_kernels.audit", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only", metavar="NAME", action="append", help="audit only kernels whose name contains NAME (repeatable)"
     )
-    parser.add_argument("--sample", action="store_true", help="only the first and last configuration of each kernel")
+    parser.add_argument(
+        "--sample", action="store_true", help="only flagged configurations (else the first and last of each kernel)"
+    )
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="parallel compilations (default: CPUs)")
     parser.add_argument("--list", action="store_true", help="print the registered configurations, compile nothing")
     args = parser.parse_args(argv)
+    archs = tuple(args.arch) if args.arch else ARCHS
     if args.list:
         for cfg in collect_configs(args.only, args.sample):
-            print(f"{cfg.name}\t{cfg.label}\tnum_warps={cfg.num_warps}\tnum_stages={cfg.num_stages}")
+            shipped = ",".join(f"sm_{a}" for a in cfg.archs if a in archs)
+            if shipped:
+                print(
+                    f"{cfg.name}\t{cfg.label}\tnum_warps={cfg.num_warps}\tnum_stages={cfg.num_stages}\t{shipped}"
+                    + ("\texpect_wgmma" * cfg.expect_wgmma)
+                )
         return 0
     start = time.perf_counter()
-    results, table = run_audit(
-        args.only, tuple(args.arch) if args.arch else ARCHS, jobs=max(args.jobs, 1), sample=args.sample
-    )
+    results, table = run_audit(args.only, archs, jobs=max(args.jobs, 1), sample=args.sample)
     if not results:
-        print(f"no kernel configuration matches --only {args.only}", file=sys.stderr)
+        print(f"no kernel configuration matches --only {args.only} --arch {list(archs)}", file=sys.stderr)
         return 2
     print(table)
     failed = [r for r in results if r.problems]
     kernels = sorted({r.kernel for r in results})
+    print("\n" + summarize(results))
     print(
-        f"\n{len(results)} compilations of {len(kernels)} kernels in {time.perf_counter() - start:.1f} s: "
-        + (f"{len(failed)} FAILED" if failed else "all ok")
+        f"{len(results)} compilations of {len(kernels)} kernels in {time.perf_counter() - start:.1f} s "
+        f"({max(args.jobs, 1)} jobs): " + (f"{len(failed)} FAILED" if failed else "all ok")
     )
     return 1 if failed else 0
 
