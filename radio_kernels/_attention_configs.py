@@ -1,9 +1,15 @@
-"""Tile shapes of the attention kernels, per launch, head-dim block and dtype width.
+"""Tile shapes of the attention kernels, per GPU architecture, launch, head-dim block and dtype width.
 
-Every shape the host wrappers can launch on a GPU is in ``GPU_TABLE``; the static audit compiles
-each of them for sm_90 and sm_80 (``AUDIT_CONFIGS`` in ``_attention_kernels``). Under the Triton
+Two GPU tables ship: ``HOPPER_TABLE`` (compute capability >= 9: H100 / H200) and ``AMPERE_TABLE``
+(everything older, audited for sm_80: A100). ``active_table()`` picks one by the compute capability
+of the current CUDA device, which is also the target Triton compiles for. Under the Triton
 interpreter one small table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with
 N ~ 100 cross many block and window boundaries.
+
+Every GPU entry is compiled by the static audit (``python -m radio_kernels.audit``) for the
+architecture it ships to (``AUDIT_CONFIGS`` below): no register spills, shared memory within the
+per-block limit (227 KB on sm_90, 163 KB on sm_80), and HGMMA (wgmma) in the sm_90 SASS of the
+16-bit fwd / dq / dkdv tiles of 64+ rows.
 
 Launches (``rows`` = what a program owns, ``cols`` = what its inner loop walks):
 
@@ -22,6 +28,7 @@ full BLOCK_N, since P is ~10.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ._backend import interpreter_enabled
@@ -38,10 +45,13 @@ class Tile:
 LAUNCHES = ("fwd", "fwd_prefix", "dq", "dq_prefix", "dkdv", "dkdv_prefix", "delta")
 BLOCK_DS = (16, 32, 64, 128)
 NARROW_WINDOW = 128  # windows shorter than this use the narrow variant of fwd / dq / dkdv
+HOPPER, AMPERE = 90, 80  # the architectures the audit compiles each table for
+
+TileKey = tuple[str, int, int, bool]  # (launch, BLOCK_D, bytes per element, narrow)
 
 
-def _tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
-    """(launch, narrow) -> Tile for head-dim block bd and element size es (bytes)."""
+def _hopper_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
+    """(launch, narrow) -> Tile on sm_90 for head-dim block bd and element size es (bytes)."""
     # 128-row tiles take two warpgroups (8 warps): one wgmma M=64 slice each, and half the
     # registers per thread of a 4-warp tile (which spills in dK/dV).
     t = {
@@ -78,21 +88,46 @@ def _tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     return t
 
 
-def _gpu_table() -> dict[tuple[str, int, int, bool], Tile]:
-    """(launch, BLOCK_D, bytes per element, narrow) -> Tile, chosen with ptxas on sm_90a.
+def _ampere_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
+    """(launch, narrow) -> Tile on sm_80: the Hopper tiles where ptxas keeps them spill-free.
 
-    Every entry compiles without register spills for sm_90 (see AUDIT_CONFIGS in
-    _attention_kernels); 16-bit fwd / dq / dkdv tiles of 64+ rows use HGMMA (wgmma).
+    sm_80 has no wgmma: mma.sync keeps the accumulators *and* the A operands in registers (wgmma
+    reads them from shared memory), and an sm_80 block gets 163 KB of shared memory, not 227 KB.
+    Each override below is the largest tile ptxas (sm_80, Triton's flags) keeps spill-free for
+    every head dim of the block (D = 72 / 80, with masked columns, need the most registers).
     """
+    t = _hopper_tiles(bd, es)
+    if es == 2 and bd == 128:
+        # Forward: 128 x 64 scores plus the 128 x D accumulator spill; 32-key steps keep 128 rows.
+        t["fwd", False] = Tile(128, 32, 8, 3)
+        # dK/dV: the 128-key tile keeps dK, dV (128 x D fp32 each) and K, V in registers and
+        # spills 40-104 B at 4 or 8 warps; 64 keys over 8 warps need ~200 registers a thread.
+        t["dkdv", False] = Tile(64, 32, 8, 3)
+        t["dkdv", True] = Tile(64, 32, 8, 3)
+    if es == 2 and bd == 16:
+        t["fwd", True] = Tile(64, 64, 4, 2)  # 3 stages spill 4 B in the narrow windowed forward
+    if es == 4 and bd == 128:
+        # Hopper's 128-row fp32 dQ needs 180 KB of shared memory (> 163 KB) and spills.
+        t["dq", False] = Tile(64, 32, 8, 3)
+    if es == 4 and bd == 64:
+        t["dkdv", True] = Tile(64, 16, 4, 3)  # 32-query steps spill 8 B in the narrow windowed dK/dV
+    return t
+
+
+def _table(tiles) -> dict[TileKey, Tile]:
     return {
         (launch, bd, es, narrow): tile
         for bd in BLOCK_DS
         for es in (2, 4)
-        for (launch, narrow), tile in _tiles(bd, es).items()
+        for (launch, narrow), tile in tiles(bd, es).items()
     }
 
 
-GPU_TABLE = _gpu_table()
+HOPPER_TABLE = _table(_hopper_tiles)
+AMPERE_TABLE = _table(_ampere_tiles)
+GPU_TABLES = {HOPPER: HOPPER_TABLE, AMPERE: AMPERE_TABLE}
+GPU_TABLE = HOPPER_TABLE  # the tuned table; tests run its tiles under the interpreter
+
 _INTERPRET_TILE = {
     "fwd": Tile(32, 32, 4, 1),
     "fwd_prefix": Tile(16, 32, 4, 1),
@@ -102,13 +137,28 @@ _INTERPRET_TILE = {
     "dkdv_prefix": Tile(16, 32, 4, 1),
     "delta": Tile(32, 0, 4, 1),
 }
-INTERPRET_TABLE = {
-    (launch, bd, es, narrow): tile for (launch, bd, es, narrow) in GPU_TABLE for tile in (_INTERPRET_TILE[launch],)
-}
+INTERPRET_TABLE = {key: _INTERPRET_TILE[key[0]] for key in HOPPER_TABLE}
 
 
-def active_table() -> dict[tuple[str, int, int, bool], Tile]:
-    return INTERPRET_TABLE if interpreter_enabled() else GPU_TABLE
+def table_for_capability(major: int) -> dict[TileKey, Tile]:
+    """The GPU table for a device of compute capability ``major``.x: Hopper from 9 on, else Ampere."""
+    return GPU_TABLES[HOPPER if major >= 9 else AMPERE]
+
+
+@functools.cache
+def _capability_major(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def active_table() -> dict[TileKey, Tile]:
+    """The interpreter's table, or the one for the current CUDA device (the device Triton compiles for)."""
+    if interpreter_enabled():
+        return INTERPRET_TABLE
+    import torch
+
+    return table_for_capability(_capability_major(torch.cuda.current_device()))
 
 
 def block_d_of(head_dim: int) -> int:
@@ -126,3 +176,86 @@ def pick_tile(launch: str, head_dim: int, elem_size: int, window_tokens: int = 0
 def prefix_block(num_prefix: int, block_n: int) -> int:
     """Column block for the prefix range of a windowed launch: next_pow2(P) in [16, block_n]."""
     return min(block_n, max(16, 1 << (max(num_prefix, 1) - 1).bit_length()))
+
+
+# ----------------------------------------------------------------------------------------
+# static GPU audit: every launch the wrappers in attention.py can make, per architecture
+# ----------------------------------------------------------------------------------------
+AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 128)
+AUDIT_DTYPES = ("fp16", "bf16", "fp32")
+AUDIT_PREFIX = 10  # C-RADIO's prefix tokens: BLOCK_P = 16 in windowed launches
+# ``--sample`` (the quick audit of tests/test_audit.py): arch -> (dtype, head dim) whose global
+# fwd / dq / dkdv tiles and delta it compiles; the Hopper ones must use HGMMA, the Ampere ones are
+# the tiles that override Hopper's.
+SAMPLE = {
+    HOPPER: (("bf16", 64), ("bf16", 128)),
+    AMPERE: (("bf16", 128), ("fp32", 128)),
+}
+
+
+def _variants(launch: str) -> list[tuple[str, str, bool, bool]]:
+    """(label, tile launch, narrow, WINDOWED) of each way attention.py launches ``launch``."""
+    return [
+        ("global", launch, False, False),
+        ("windowed", launch, False, True),
+        ("windowed-narrow", launch, True, True),
+        ("prefix-rows", launch + "_prefix", False, False),
+    ]
+
+
+def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
+    """One AuditConfig per (arch, launch, head dim, dtype, windowed variant) of the GPU tables.
+
+    Each entry names the one arch whose table it comes from; the audit merges entries that
+    compile to the same binary (e.g. a tile both tables share) and compiles each once per arch.
+    Strides are plain i32 arguments scaled by STRIDE_UNIT, as attention.py passes them: 16 when
+    D is a multiple of 16, 8 for D = 72 (its head stride). On sm_90 every 16-bit tile of 64+ rows
+    must use HGMMA (wgmma): without it the Hopper kernels run at mma.sync speed.
+    """
+    from ._attention_kernels import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+    from ._audit_registry import AuditConfig, signature_of
+
+    floats = ("qk_scale", "sm_scale")
+    kernels = {"fwd": attn_fwd_kernel, "dq": attn_bwd_dq_kernel, "dkdv": attn_bwd_dkdv_kernel}
+    out = []
+    for arch, table in GPU_TABLES.items():
+        for dtype in AUDIT_DTYPES:
+            es = 4 if dtype == "fp32" else 2
+            ptrs = {name: ("fp32" if name in ("LSE", "DELTA") else dtype) for name in
+                    ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA")}  # fmt: skip
+            for d in AUDIT_HEAD_DIMS:
+                bd, unit = block_d_of(d), 16 if d % 16 == 0 else 8
+                base = dict(HEAD_D=d, BLOCK_D=bd, STRIDE_UNIT=unit)
+                sampled = (dtype, d) in SAMPLE[arch]
+                for launch, kernel in kernels.items():
+                    sig = signature_of(
+                        kernel, ptrs={p.name: ptrs[p.name] for p in kernel.params if p.name in ptrs},
+                        ints=tuple(p.name for p in kernel.params if p.name not in ptrs and p.name not in floats),
+                        floats=floats,
+                    )  # fmt: skip
+                    # The kernel's rows are BLOCK_M for queries, BLOCK_N for dK/dV's keys.
+                    rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
+                    for label, tile_launch, narrow, windowed in _variants(launch):
+                        tile = table[tile_launch, bd, es, narrow]
+                        block_p = prefix_block(AUDIT_PREFIX, tile.block_n) if windowed else tile.block_n
+                        out.append(AuditConfig(
+                            kernel=kernel,
+                            label=f"{launch} {label} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",
+                            signature=sig,
+                            constexprs={**base, "WINDOWED": windowed, rows: tile.block_m, cols: tile.block_n,
+                                        "BLOCK_P": block_p},
+                            num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True,
+                            archs=(arch,),
+                            expect_wgmma=arch == HOPPER and es == 2 and tile.block_m >= 64,
+                            sample=sampled and label == "global",
+                        ))  # fmt: skip
+                tile = table["delta", bd, es, False]
+                kernel = attn_bwd_delta_kernel
+                out.append(AuditConfig(
+                    kernel=kernel, label=f"delta {dtype} D={d} BLOCK_M={tile.block_m}",
+                    signature=signature_of(kernel, ptrs={"O": dtype, "DO": dtype, "DELTA": "fp32"},
+                                           ints=tuple(p.name for p in kernel.params[3:] if not p.is_constexpr)),
+                    constexprs={**base, "BLOCK_M": tile.block_m}, num_warps=tile.num_warps,
+                    num_stages=tile.num_stages, archs=(arch,), sample=sampled and d == 128,
+                ))  # fmt: skip
+    return out

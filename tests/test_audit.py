@@ -1,9 +1,11 @@
 """The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / sm_80 without a GPU.
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
-The loss kernels are audited in full (every shipped configuration, both archs); every other
-registered kernel (attention: hundreds of configurations, minutes to compile) is audited on its
-first and last configuration for sm_90 here, and in full by ``python -m radio_kernels.audit``.
+Here: the loss kernels in full (every shipped configuration, each arch), every other registered
+kernel on its ``--sample`` subset (attention: the global bf16 D=64 / D=128 tiles, which must use
+HGMMA on sm_90, and the sm_80 tiles that override Hopper's), plus the audit's bookkeeping
+(duplicate merging, per-arch limits, the tile table a device gets) in-process. The full audit
+(~460 compilations) runs in CI: ``python -m radio_kernels.audit``.
 """
 
 import os
@@ -11,13 +13,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from radio_kernels.audit import AuditResult, format_table
+from radio_kernels import _attention_configs as configs
+from radio_kernels._audit_registry import AuditConfig, merge_duplicates
+from radio_kernels.audit import SHARED_LIMIT, AuditResult, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_KERNELS = ("_shifted_mse_fwd_kernel", "_mesa_fwd_kernel", "_angular_fwd_kernel")
+ATTENTION_MAIN = ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
 
 
 def run_audit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -33,18 +39,27 @@ def run_audit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def table_rows(stdout: str) -> list[list[str]]:
+    """[kernel, config, arch, regs, spill st/ld, stack, shared KB, tensor cores, status] per row."""
     return [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if re.match(r"^\S+\s+.*\s+sm_\d\d", line)]
 
 
 @pytest.fixture(scope="module")
-def registered() -> dict[str, int]:
-    """{kernel name: number of configurations} from the audit's own registry listing."""
+def listing() -> list[str]:
+    """The audit's registry listing: kernel, label, num_warps, num_stages, archs [, expect_wgmma]."""
     proc = run_audit("--list")
     assert proc.returncode == 0, proc.stderr
-    counts: dict[str, int] = {}
-    for line in proc.stdout.splitlines():
-        name = line.split("\t")[0]
-        counts[name] = counts.get(name, 0) + 1
+    return proc.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def registered(listing) -> dict[str, dict[str, int]]:
+    """{kernel name: {arch: number of configurations}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for line in listing:
+        name, *_, archs = line.split("\t")[:5]
+        for arch in archs.split(","):
+            counts.setdefault(name, {}).setdefault(arch, 0)
+            counts[name][arch] += 1
     return counts
 
 
@@ -56,18 +71,33 @@ def test_loss_kernels_audit_in_full(registered):
     for name in LOSS_KERNELS:
         mine = [r for r in rows if r[0] == name]
         # every configuration, once per arch, with register counts and no spills
-        assert len(mine) == 2 * registered[name], name
+        assert registered[name] == {"sm_90": len(mine) // 2, "sm_80": len(mine) // 2}, name
         assert {r[2] for r in mine} == {"sm_90", "sm_80"}
         assert all(r[-1] == "ok" and r[4] == "0/0" and 0 < int(r[3]) <= 255 for r in mine), mine
     assert "all ok" in proc.stdout
 
 
-def test_every_registered_kernel_compiles_for_hopper(registered):
-    assert set(LOSS_KERNELS) <= set(registered)
-    proc = run_audit("--sample", "--arch", "90")
+def test_sample_of_other_kernels_on_both_archs(registered):
+    """Every non-loss kernel's sample compiles spill-free on both archs; wgmma where it must be."""
+    others = sorted(set(registered) - set(LOSS_KERNELS))
+    assert set(ATTENTION_MAIN) <= set(others)
+    proc = run_audit("--sample", *[a for name in others for a in ("--only", name)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    audited = {r[0] for r in table_rows(proc.stdout)}
-    assert audited == set(registered)
+    rows = table_rows(proc.stdout)
+    assert {r[0] for r in rows} == set(others)
+    assert all(r[-1] == "ok" and r[4] == "0/0" for r in rows), [r for r in rows if r[-1] != "ok"]
+    for name in ATTENTION_MAIN:
+        mine = [r for r in rows if r[0] == name]
+        for d in (64, 128):
+            hopper = [r for r in mine if r[2] == "sm_90" and f"global bf16 D={d} " in r[1]]
+            assert len(hopper) == 1 and hopper[0][7] == "HGMMA", (name, d, hopper)
+        # Ampere's own tiles (the 16-bit D=128 forward and dK/dV, the fp32 dQ) are in the sample
+        assert any(r[2] == "sm_80" and "D=128" in r[1] for r in mine), name
+        assert all(r[7] == "HMMA" for r in mine if r[2] == "sm_80"), name
+    summary = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("sm_")}
+    hgmma = re.search(r"HGMMA in (\d+)/(\d+)", summary["sm_90"])
+    assert hgmma and hgmma[1] == hgmma[2] and int(hgmma[2]) >= 6
+    assert " 0 spill, 0 over 163 KB shared, 0 errors" in summary["sm_80"]
 
 
 def test_failures_are_reported():
@@ -78,6 +108,75 @@ def test_failures_are_reported():
     assert not ok.problems and spill.problems and smem.problems and broken.problems
     table = format_table([ok, spill, smem, broken])
     assert table.count("FAIL") == 3 and "spills 8/8 B" in table and "shared 228.0 KB > 227 KB" in table
+
+
+def test_shared_memory_limit_is_per_arch():
+    assert SHARED_LIMIT == {90: 227 * 1024, 80: 163 * 1024}
+    kw = dict(regs=64, spill_stores=0, spill_loads=0, stack=0, shared=180 * 1024)
+    assert not AuditResult("k", "cfg", 90, **kw).problems
+    assert AuditResult("k", "cfg", 80, **kw).problems == ["shared 180.0 KB > 163 KB"]
+
+
+def test_missing_wgmma_fails_on_hopper_only():
+    kw = dict(regs=128, spill_stores=0, spill_loads=0, stack=0, shared=64 * 1024, expect_wgmma=True)
+    assert not AuditResult("k", "cfg", 90, tensor_cores="HGMMA", **kw).problems
+    assert AuditResult("k", "cfg", 90, tensor_cores="HMMA", **kw).problems == ["no HGMMA on sm_90 (tensor cores: HMMA)"]
+    assert not AuditResult("k", "cfg", 80, tensor_cores="HMMA", **kw).problems
+
+
+def _config(label: str, archs: tuple[int, ...], block: int, **kw) -> AuditConfig:
+    return AuditConfig(configs, label, signature={"x": "*fp32"}, constexprs={"B": block}, archs=archs, **kw)
+
+
+def test_duplicates_merge_into_one_compilation_per_arch():
+    merged = merge_duplicates([
+        _config("a", (90,), 64, expect_wgmma=True),
+        _config("b", (80,), 64, sample=True),
+        _config("c", (90,), 64),
+        _config("a", (80,), 128),
+    ])  # fmt: skip
+    assert [(c.label, c.archs, c.expect_wgmma, c.sample) for c in merged] == [
+        ("a | b | c", (90, 80), True, True),
+        ("a", (80,), False, False),
+    ]
+
+
+def test_attention_registry_ships_each_table_to_its_arch(listing):
+    """Ampere's overrides ship to sm_80 only, the Hopper tiles they replace to sm_90 only."""
+    dkdv = [line.split("\t") for line in listing if line.startswith("attn_bwd_dkdv_kernel\tdkdv global bf16 D=128 ")]
+    assert {(row[1].split(" D=128 ")[1], row[2], row[4]) for row in dkdv} == {
+        ("BLOCK_N=128 BLOCK_M=32", "num_warps=8", "sm_90"),  # configs.HOPPER_TABLE
+        ("BLOCK_N=64 BLOCK_M=32", "num_warps=8", "sm_80"),  # configs.AMPERE_TABLE
+    }
+    for arch, table in configs.GPU_TABLES.items():
+        expected = configs.Tile(64, 32, 8, 3) if arch == configs.AMPERE else configs.Tile(128, 32, 8, 3)
+        assert table["dkdv", 128, 2, False] == expected
+    # merged duplicates: a tile both tables share is one entry for both archs, listed once
+    configs_only = [line.rsplit("\t", 2)[0] if line.endswith("expect_wgmma") else line.rsplit("\t", 1)[0]
+                    for line in listing]  # fmt: skip
+    assert len(configs_only) == len(set(configs_only))
+    assert any(line.startswith("attn_fwd_kernel\tfwd global bf16 D=64 ") and "\tsm_90,sm_80\t" in line
+               for line in listing)  # fmt: skip
+    # every Hopper 16-bit tile of 64+ rows is checked for HGMMA
+    assert sum(line.endswith("expect_wgmma") for line in listing) > 50
+
+
+def test_device_capability_picks_the_tile_table():
+    assert configs.table_for_capability(9) is configs.HOPPER_TABLE
+    assert configs.table_for_capability(10) is configs.HOPPER_TABLE
+    assert configs.table_for_capability(8) is configs.AMPERE_TABLE
+    assert configs.HOPPER_TABLE.keys() == configs.AMPERE_TABLE.keys() == configs.INTERPRET_TABLE.keys()
+    configs._capability_major.cache_clear()
+    try:
+        with (
+            mock.patch.object(configs, "interpreter_enabled", lambda: False),
+            mock.patch("torch.cuda.current_device", lambda: 0),
+            mock.patch("torch.cuda.get_device_capability", lambda index: (8, 0)),
+        ):
+            assert configs.active_table() is configs.AMPERE_TABLE
+            assert configs.pick_tile("dq", 128, 4) == configs.Tile(64, 32, 8, 3)
+    finally:
+        configs._capability_major.cache_clear()
 
 
 def test_audit_rejects_unknown_kernel_name():
