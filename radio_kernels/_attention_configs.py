@@ -126,7 +126,6 @@ def _table(tiles) -> dict[TileKey, Tile]:
 HOPPER_TABLE = _table(_hopper_tiles)
 AMPERE_TABLE = _table(_ampere_tiles)
 GPU_TABLES = {HOPPER: HOPPER_TABLE, AMPERE: AMPERE_TABLE}
-GPU_TABLE = HOPPER_TABLE  # the tuned table; tests run its tiles under the interpreter
 
 _INTERPRET_TILE = {
     "fwd": Tile(32, 32, 4, 1),

@@ -196,12 +196,14 @@ def test_custom_scale():
     check_against_reference(1, 2, 45, 32, 10, 35, torch.float32, packed=False, scale=0.3)
 
 
-def test_gpu_tile_table_under_interpreter():
-    """The shipped GPU tiles (128-row, BLOCK_P, narrow variant) on shapes that cross their edges."""
-    with mock.patch.object(configs, "active_table", lambda: configs.GPU_TABLE):
+@pytest.mark.parametrize("table", ["HOPPER_TABLE", "AMPERE_TABLE"])
+def test_gpu_tile_tables_under_interpreter(table):
+    """Each shipped GPU tile table (128-row, BLOCK_P, narrow variant) on shapes that cross its edges."""
+    with mock.patch.object(configs, "active_table", lambda: getattr(configs, table)):
         check_against_reference(1, 1, 10 + 3 * 64, 64, 10, 64, torch.float16, packed=True)  # narrow
         check_against_reference(1, 1, 10 + 2 * 144, 80, 10, 144, torch.float16, packed=False)
         check_against_reference(1, 1, 201, 128, 0, 0, torch.float32, packed=False)
+        check_against_reference(1, 1, 10 + 3 * 48, 16, 10, 48, torch.float16, packed=True)  # narrow, D 16
 
 
 def test_windows_without_prefix_equal_vitdet_partition():
