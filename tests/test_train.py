@@ -223,6 +223,42 @@ def test_damp_applies_multiplicative_noise_and_leaves_weights_untouched():
     torch.testing.assert_close(y, (lin.weight * (1 + 0.5 * eps)).T)
 
 
+def test_damp_refuses_gradient_checkpointing():
+    """Checkpointed blocks recompute in backward, after the noisy weights are gone: refused."""
+    model = _model()
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        damp_forward(model, linear_weight_names(model), 0.1, None, torch.rand(1, 3, 32, 32))
+    assert damp_forward(model, [], 0.0, None, torch.rand(1, 3, 32, 32)) is not None  # sigma 0: no noise, fine
+
+
+def test_backbone_summary_uses_the_cls_tokens_with_a_summary_loss(tmp_path):
+    """SAM3 listed first: its CLS token (no summary loss) stays out of the backbone summary."""
+    from radio.train.build import build_student
+    from radio.train.teaching import build_teachers
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.teachers = {name: cfg.teachers[name] for name in ("sam3", "siglip2", "dinov3")}
+    slots = build_teachers(cfg, torch.device("cpu"))
+    student = build_student(cfg, slots)
+    assert student.config.summary_idxs == [1, 2]
+    assert [spec.cls_index for spec in student.adaptor_specs] == [0, 1, 2]
+    assert student.adaptor_specs[0].summary_dim is None
+
+
+def test_resume_records_a_new_step_count(tmp_path):
+    """`--resume DIR --steps N` writes N to the run's config.toml, so a later resume keeps the schedule."""
+    from radio.train import load_run_config
+
+    cfg = tiny_cfg(tmp_path / "run", steps=2)
+    cfg.fidelity.enabled = False
+    train(cfg, progress=False, log=lambda *a: None)
+    longer = load_run_config(tmp_path / "run")
+    longer.run.out, longer.run.steps = str(tmp_path / "run"), 3
+    train(longer, resume=True, progress=False, log=lambda *a: None)
+    assert load_run_config(tmp_path / "run").run.steps == 3
+
+
 def test_damp_schedules():
     assert damp_sigma(0.0, "cosine", 0, 10) == 0.0
     assert damp_sigma(0.2, "cosine", 0, 10) == pytest.approx(0.2)

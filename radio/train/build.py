@@ -19,9 +19,14 @@ def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel
     """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher.
 
     Teacher i's summary head reads CLS token i; teachers without a summary (or with summary
-    weight 0) get no summary head.
+    weight 0) get no summary head, and their CLS tokens stay out of the backbone summary unless
+    ``student.model.summary_idxs`` says otherwise.
     """
-    config = RadioConfig.preset(cfg.student.preset, **cfg.student.model)
+    # The backbone summary concatenates the CLS tokens of the teachers that have a summary loss
+    # (C-RADIOv4: SigLIP2 and DINOv3 -> [0, 1]); an untrained CLS token (SAM3's) never joins it.
+    summary_idxs = [i for i, slot in enumerate(slots.values()) if slot.has_summary]
+    overrides = {"summary_idxs": summary_idxs} if summary_idxs else {}
+    config = RadioConfig.preset(cfg.student.preset, **{**overrides, **cfg.student.model})
     if len(slots) > config.num_cls_tokens:
         raise ValueError(
             f"{len(slots)} teachers need as many CLS tokens; set student.model.num_cls_tokens >= {len(slots)} "

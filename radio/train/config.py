@@ -253,11 +253,16 @@ def _c_radiov4() -> TrainConfig:
     cfg = TrainConfig()
     cfg.student = StudentConfig(preset="so400m")
     cfg.teachers = {
-        "siglip2": TeacherConfig(kind="siglip2", name_or_path="google/siglip2-giant-opt-patch16-384", dtype="bfloat16"),
-        "dinov3": TeacherConfig(
-            kind="dinov3", name_or_path="facebook/dinov3-vit7b16-pretrain-lvd1689m", dtype="bfloat16"
+        # head="attn": the v4 spatial head (2 transformer blocks, then MLP2; METHOD.md §2).
+        "siglip2": TeacherConfig(
+            kind="siglip2", name_or_path="google/siglip2-giant-opt-patch16-384", dtype="bfloat16", head="attn"
         ),
-        "sam3": TeacherConfig(kind="sam3", name_or_path="facebook/sam3", dtype="bfloat16", summary_weight=0.0),
+        "dinov3": TeacherConfig(
+            kind="dinov3", name_or_path="facebook/dinov3-vit7b16-pretrain-lvd1689m", dtype="bfloat16", head="attn"
+        ),
+        "sam3": TeacherConfig(
+            kind="sam3", name_or_path="facebook/sam3", dtype="bfloat16", summary_weight=0.0, head="attn"
+        ),
     }
     cfg.data = DataConfig(
         image_dir="/path/to/images",

@@ -52,9 +52,19 @@ def damp_forward(
     *args,
     **kwargs,
 ):
-    """``module(*args, **kwargs)`` with the weights ``names`` multiplied by (1 + sigma * eps)."""
+    """``module(*args, **kwargs)`` with the weights ``names`` multiplied by (1 + sigma * eps).
+
+    The noisy weights exist only during this call, so activation checkpointing, which re-runs the
+    forward during backward, would recompute with the clean weights and give wrong gradients:
+    that combination is refused.
+    """
     if sigma == 0:
         return module(*args, **kwargs)
+    if any(getattr(m, "grad_checkpointing", False) for m in module.modules()):
+        raise ValueError(
+            "DAMP (damp.sigma > 0) cannot be combined with gradient checkpointing: the recomputed forward "
+            "would use the clean weights; turn one of them off"
+        )
     params = dict(module.named_parameters())
     noisy = {}
     for name in names:

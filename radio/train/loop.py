@@ -191,6 +191,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         start, skipped = state["step"], set(state["data"]["skipped"])
         if info.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
+            # --steps / --set given with --resume change the run: record them, so that the next
+            # resume continues the same schedule.
+            save_config(cfg, run_dir / "config.toml")
     elif info.is_main:
         save_config(cfg, run_dir / "config.toml")
         if cfg.fidelity.enabled:
