@@ -186,11 +186,11 @@ def test_plan_view_modes():
     assert plan_view("plain", 96, 16, 16, 64) == ViewPlan("plain", 6, 96, 0, 96)
     assert plan_view("plain", 96, 16, 14, 64) == ViewPlan("plain", 6, 96, 0, 84)  # 6 tokens x 14 px
     # 7 student tokens, 4 per tile -> 2 tiles = 8 tokens: one extra patch, on the bottom/right.
-    assert plan_view("tile", 112, 16, 16, 64) == ViewPlan("tile", 8, 128, 0, 128, tiles=2)
+    assert plan_view("tile", 112, 16, 16, 64) == ViewPlan("tile", 8, 128, 0, 128, tiles=2, region=112)
     # 5 tokens, 3 per tile -> 6: margin 0; 10 tokens, 4 per tile -> 12: one patch each side.
-    assert plan_view("tile", 160, 16, 16, 64) == ViewPlan("tile", 12, 192, 16, 192, tiles=3)
+    assert plan_view("tile", 160, 16, 16, 64) == ViewPlan("tile", 12, 192, 16, 192, tiles=3, region=160)
     # C-RADIOv4 scale: SigLIP2-384 at 1152 px = 3 x 3 tiles, same 72-token grid as the student.
-    assert plan_view("tile", 1152, 16, 16, 384) == ViewPlan("tile", 72, 1152, 0, 1152, tiles=3)
+    assert plan_view("tile", 1152, 16, 16, 384) == ViewPlan("tile", 72, 1152, 0, 1152, tiles=3, region=1152)
     # SAM3 at 1008 px: a 1152-px view (72 tokens) fills the 72-token canvas exactly, as 1008 px.
     assert plan_view("mosaic", 1152, 16, 14, 1008, 1008) == ViewPlan("mosaic", 72, 1152, 0, 1008)
     assert plan_view("mosaic", 128, 16, 14, 112, 112) == ViewPlan("mosaic", 8, 128, 0, 112)

@@ -254,6 +254,18 @@ def test_tiling_windows_are_per_tile_runs_and_summary_is_global_view():
     assert torch.allclose(tiled_features(teacher, x, 2), out.features, atol=1e-5)
 
 
+def test_tiled_summary_from_a_box_is_that_region_at_native_size():
+    """The trainer's tiled view is larger than the student's crop: its summary comes from the crop only."""
+    teacher = tiny_teacher("siglip2")
+    x = _images(2, 128)
+    out = tiled_teacher_output(teacher, x, 2, summary_box=(16, 8, 96))
+    region = torch.nn.functional.interpolate(x[:, :, 16:112, 8:104], size=(64, 64), mode="bilinear", antialias=True)
+    assert torch.allclose(out.summary, teacher(region).summary, atol=1e-5)
+    assert torch.allclose(out.features, tiled_features(teacher, x, 2), atol=1e-5)  # features: whole view
+    with pytest.raises(ValueError, match="summary_box"):
+        tiled_teacher_output(teacher, x, 2, summary_box=(64, 0, 96))
+
+
 def test_tiling_resizes_to_tiles_times_native_and_tiles_for():
     teacher = PatchTeacher(native_size=32)
     assert tiled_features(teacher, _images(1, 80).double(), 3).shape == (1, 12, 12, 6)

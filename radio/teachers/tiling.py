@@ -59,17 +59,29 @@ def _stitch(features: torch.Tensor, batch: int, tiles: int) -> torch.Tensor:
     return f.reshape(batch, tiles * h, tiles * w, c)
 
 
-def tiled_teacher_output(teacher: Teacher, images: torch.Tensor, tiles: int) -> TeacherOutput:
+def tiled_teacher_output(
+    teacher: Teacher, images: torch.Tensor, tiles: int, summary_box: tuple[int, int, int] | None = None
+) -> TeacherOutput:
     """TeacherOutput with tiled features (B, tiles*h, tiles*w, C) and the global-view summary.
 
     The image is resized to tiles * native (a no-op when it already is), cut into tiles x tiles
     native tiles; the tiles and the global view (image resized to native) run as one batch.
+    ``summary_box`` = (top, left, side) in pixels of ``images``: the square the global view is taken
+    from (default: the whole image), e.g. the student's own region when the tiled view is larger.
     """
     _check(images, tiles)
     side = native_size(teacher)
     b = images.shape[0]
     tile_batch = _cut_tiles(_resize(images, tiles * side), tiles, side)
-    global_view = _resize(images, side)
+    region = images
+    if summary_box is not None:
+        top, left, size = summary_box
+        if not (
+            0 <= top and 0 <= left and size > 0 and top + size <= images.shape[-2] and left + size <= images.shape[-1]
+        ):
+            raise ValueError(f"summary_box {summary_box} must lie inside the {tuple(images.shape[-2:])} images")
+        region = images[..., top : top + size, left : left + size]
+    global_view = _resize(region, side)
     out = teacher(torch.cat([tile_batch, global_view], 0))
     n = tile_batch.shape[0]
     features = _stitch(out.features[:n], b, tiles)

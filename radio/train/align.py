@@ -59,6 +59,8 @@ class ViewPlan:
     input_size: pixels (side) the crop is resized to before the teacher (tile: the k x k tiled input).
     tiles: tiles per side (mode "tile"), else 1.
     follows_student: the view copies the student's crop and shift ("resize"), no relative shift.
+    region: canvas pixels (side) of the student's base crop inside the view, from ``margin`` on; the
+        tiled teacher's summary is taken from this square, not from the whole (larger) tiled view.
     """
 
     mode: str
@@ -68,6 +70,7 @@ class ViewPlan:
     input_size: int
     tiles: int = 1
     follows_student: bool = False
+    region: int = 0
 
 
 def resolve_mode(configured: str, kind: str, fixed_size: int | None, high: bool) -> str:
@@ -115,7 +118,7 @@ def plan_view(
         tiles = math.ceil(grid / per_tile)
         tokens = tiles * per_tile
         margin = (tokens - grid) // 2 * student_patch
-        return ViewPlan("tile", tokens, tokens * student_patch, margin, tiles * native_size, tiles)
+        return ViewPlan("tile", tokens, tokens * student_patch, margin, tiles * native_size, tiles, region=resolution)
     if mode in ("mosaic", "resize"):
         if fixed_size is None or fixed_size % teacher_patch:
             raise ValueError(f"{mode}: needs a fixed size that is a multiple of the teacher patch, got {fixed_size}")

@@ -101,10 +101,13 @@ def run_teacher(teacher: Teacher, images: torch.Tensor, plan: ViewPlan) -> Teach
     """Teacher output for a batch of crops (B, 3, crop, crop) in [0, 1]: features (B, T, T, C) per ``plan``.
 
     The crop is first resized to ``plan.input_size`` (a no-op when the patches agree), so one
-    teacher token covers one student patch of the canvas. Mosaic views carry no summary.
+    teacher token covers one student patch of the canvas. Mosaic views carry no summary; a tiled view
+    takes its summary from the student's region only (``plan.region``), not from its margins.
     """
     if plan.mode == "tile":
-        return tiled_teacher_output(teacher, _resize(images, plan.input_size), plan.tiles)
+        scale = plan.input_size / plan.crop  # canvas pixels -> teacher input pixels
+        box = (round(plan.margin * scale), round(plan.margin * scale), round(plan.region * scale))
+        return tiled_teacher_output(teacher, _resize(images, plan.input_size), plan.tiles, summary_box=box)
     if plan.mode == "mosaic":
         feats = mosaic_features(teacher, _resize(images, plan.input_size))
         return TeacherOutput(None, torch.stack(feats))
