@@ -193,8 +193,13 @@ class PHISNormalizer(nn.Module):
             raise ValueError(f"PHISNormalizer.{what}: x must have shape (..., {self.dim}), got {tuple(x.shape)}")
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> bool:
-        """Accumulate statistics of ``x`` (..., dim); refit on schedule. Returns whether it refitted."""
+    def update(self, x: torch.Tensor, advance: bool = True) -> bool:
+        """Accumulate statistics of ``x`` (..., dim); refit on schedule. Returns whether it refitted.
+
+        ``advance=False`` only accumulates: the schedule (refresh every N updates, freeze after M)
+        counts advancing updates, so a trainer with gradient accumulation advances once per optimizer
+        step (on its first micro-batch) and every micro-batch of a step sees one transform.
+        """
         self._check(x, "update")
         if self.frozen:
             return False
@@ -207,6 +212,8 @@ class PHISNormalizer(nn.Module):
         self.sum += batch_sum
         self.sum_outer += batch_outer
         self.count += batch_count
+        if not advance:
+            return False
         self.num_updates += 1
         n = int(self.num_updates)
         if n == 1 or n % self.refresh_every == 0 or n == self.freeze_after:

@@ -151,3 +151,20 @@ def test_refresh_keeps_eigenvector_signs():
         after = phis(x)
         per_channel = torch.nn.functional.cosine_similarity(before, after, dim=0)
         assert per_channel.min() > 0.9, per_channel
+
+
+def test_non_advancing_updates_add_statistics_without_ticking_the_schedule():
+    """Gradient accumulation: one advancing update per optimizer step, the other micro-batches only add data."""
+    a = PHISNormalizer(32, refresh_every=2, freeze_after=6)
+    b = PHISNormalizer(32, refresh_every=2, freeze_after=6)
+    batches = [_anisotropic(100, 32, seed=i) for i in range(6)]
+    for step in range(3):  # accum = 2: micro-batches 2*step (advancing) and 2*step + 1 (not)
+        first, second = batches[2 * step], batches[2 * step + 1]
+        assert a.update(first) == (step in (0, 1))  # refits at schedule updates 1 and 2 only
+        assert not a.update(second, advance=False)
+        b.update(torch.cat([first, second]) if step else first)
+        if step == 0:
+            b.update(second, advance=False)
+    assert int(a.num_updates) == 3 and float(a.count) == 600
+    # the advancing update of step 1 fitted on everything seen so far (3 micro-batches)
+    assert int(a.num_fits) == 2

@@ -258,6 +258,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     sigma=sigma,
                     damp_generator=generators["damp"],
                     world_size=info.world_size,
+                    first_micro=micro == 0,
                 )
                 (objective / accum).backward()
             for k, v in parts.items():

@@ -67,9 +67,19 @@ class StepModels:
 
 @torch.no_grad()
 def teacher_targets(
-    batch: Batch, slots: dict[str, TeacherSlot], plans: dict[str, ViewPlan], patch: int, device, update: bool = True
+    batch: Batch,
+    slots: dict[str, TeacherSlot],
+    plans: dict[str, ViewPlan],
+    patch: int,
+    device,
+    update: bool = True,
+    advance: bool = True,
 ) -> dict[str, Target]:
-    """Run every teacher on its view; update (``update=True``) and apply its PHI-S and dispersion."""
+    """Run every teacher on its view; update (``update=True``) and apply its PHI-S and dispersion.
+
+    ``advance``: whether this micro-batch advances the PHI-S refresh/freeze schedule (the first
+    micro-batch of each optimizer step does; the others only add statistics).
+    """
     targets = {}
     student_origin = batch.origins[STUDENT]
     for name, slot in slots.items():
@@ -77,7 +87,7 @@ def teacher_targets(
         out = run_teacher(slot.teacher, batch.images(name, device), plan)
         features = out.features.float()
         if update:
-            slot.normalizer.update(features)
+            slot.normalizer.update(features, advance=advance)
         y = slot.normalizer(features)
         shift = teacher_shift(student_origin, batch.origins[name], patch)
         if plan.follows_student:
@@ -101,11 +111,15 @@ def micro_step_losses(
     sigma: float,
     damp_generator: torch.Generator | None,
     world_size: int = 1,
+    first_micro: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch."""
+    """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch.
+
+    ``first_micro``: the first micro-batch of its optimizer step (advances the PHI-S schedule).
+    """
     patch = models.raw.patch_size
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    targets = teacher_targets(batch, models.slots, plans, patch, device)
+    targets = teacher_targets(batch, models.slots, plans, patch, device, advance=first_micro)
 
     x_student = batch.images(STUDENT, device)
     x_ema = batch.images("ema", device)
