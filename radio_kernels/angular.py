@@ -29,12 +29,13 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import resolve_backend
 from ._checks import check_same_device, check_tensor
-from .shifted_mse import new_grad_buffer
+from .shifted_mse import grad_dtype, new_grad_buffer, scale_grad
 
 TILE = 2048
 NUM_WARPS = 4
@@ -192,12 +193,14 @@ class AngularLossFunction(torch.autograd.Function):
         theta2_sum, grad_sum = angular_forward(x, y)
         inv_n = 1.0 / (max(x.shape[0], 1) * dispersion)  # 1 / (B * Disp), on device
         ctx.save_for_backward(grad_sum, inv_n)
+        ctx.input_dtype = x.dtype
         return theta2_sum * inv_n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         grad_sum, inv_n = ctx.saved_tensors
-        return grad_sum * (grad_output * inv_n), None, None
+        return scale_grad(grad_sum, grad_output * inv_n, ctx.input_dtype), None, None
 
 
 def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
@@ -306,7 +309,7 @@ def AUDIT_CONFIGS() -> list[AuditConfig]:
             ptrs = {
                 "x_ptr": TRITON_DTYPE[x_dtype],
                 "y_ptr": TRITON_DTYPE[y_dtype],
-                "grad_ptr": TRITON_DTYPE[x_dtype],
+                "grad_ptr": TRITON_DTYPE[grad_dtype(x_dtype)],
                 "partial_ptr": "fp32",
             }
             configs.append(

@@ -24,6 +24,7 @@ import math
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from . import _attention_configs as configs
 from . import reference
@@ -38,6 +39,7 @@ from ._backend import resolve_backend
 from ._checks import check_same_device, check_tensor
 
 MAX_HEAD_DIM = 128
+MAX_GRID_Y = 65535
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -71,6 +73,9 @@ def triton_supports(q: torch.Tensor) -> str | None:
         return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        # B * H runs on the launch grid's second axis, which CUDA caps at 65535.
+        return f"the Triton kernels take B * H up to {MAX_GRID_Y}, got {q.shape[0]} * {q.shape[1]}"
     return None
 
 
@@ -118,6 +123,7 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(_unit_d(grad_out), q, k, v, out, lse, *ctx.args)

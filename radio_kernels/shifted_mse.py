@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
@@ -117,14 +118,30 @@ def check_row_count(n_rows: int, C: int) -> None:
         raise ValueError(f"at most 2**31 - 1 cells and channels are supported, got {n_rows} cells of C={C}")
 
 
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the stored summed gradient: the input's, except float32 for float16 inputs.
+
+    The kernels store the gradient of the *sum* (N times the gradient of the mean, scaled by 1/N
+    in backward so that tiny gradients do not underflow); for float16 that sum can pass 65504
+    (e.g. a LayerNorm of a near-constant token), while bfloat16 and float32 have the range.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def new_grad_buffer(shape, like: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """``grad`` if given (tests pass a NaN-poisoned buffer to catch unwritten elements), else a
-    fresh contiguous tensor of ``like``'s dtype and device."""
+    fresh contiguous tensor of ``grad_dtype(like.dtype)`` on ``like``'s device."""
+    dtype = grad_dtype(like.dtype)
     if grad is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    if tuple(grad.shape) != tuple(shape) or grad.dtype != like.dtype or not grad.is_contiguous():
-        raise ValueError(f"grad must be a contiguous {like.dtype} tensor of shape {tuple(shape)}")
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    if tuple(grad.shape) != tuple(shape) or grad.dtype != dtype or not grad.is_contiguous():
+        raise ValueError(f"grad must be a contiguous {dtype} tensor of shape {tuple(shape)}")
     return grad
+
+
+def scale_grad(grad_sum: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Backward of the loss kernels: the stored summed gradient times grad_output / N, in ``dtype``."""
+    return (grad_sum * scale).to(dtype)
 
 
 def shifted_mse_forward(
@@ -160,13 +177,15 @@ class ShiftedMSEFunction(torch.autograd.Function):
         sq_sum, grad_sum = shifted_mse_forward(student, target, shift)
         inv_n = 1.0 / (overlap_cells(student.shape, target.shape, shift) * student.shape[-1]).clamp(min=1)
         ctx.save_for_backward(grad_sum, inv_n)
+        ctx.input_dtype = student.dtype
         return sq_sum * inv_n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         grad_sum, inv_n = ctx.saved_tensors
         # One elementwise pass; the fp32 scale is formed first so only the product is rounded.
-        return grad_sum * (grad_output * inv_n), None, None
+        return scale_grad(grad_sum, grad_output * inv_n, ctx.input_dtype), None, None
 
 
 def shifted_mse(
@@ -211,7 +230,7 @@ def AUDIT_CONFIGS() -> list[AuditConfig]:
                 "s_ptr": TRITON_DTYPE[s_dtype],
                 "t_ptr": TRITON_DTYPE[t_dtype],
                 "shift_ptr": "i64",
-                "grad_ptr": TRITON_DTYPE[s_dtype],
+                "grad_ptr": TRITON_DTYPE[grad_dtype(s_dtype)],
                 "partial_ptr": "fp32",
             }
             configs.append(

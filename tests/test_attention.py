@@ -250,8 +250,20 @@ def test_triton_backend_rejects_what_the_kernels_lack():
     y = torch.randn(1, 1, 8, 160, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to 128"):
         attention(y, y, y, backend="triton")
+    # B * H beyond the CUDA grid's second axis (65535)
+    z = torch.zeros(1, 1, 4, 16, dtype=torch.float16, device=DEVICE).expand(65536, 1, 4, 16)
+    with pytest.raises(ValueError, match="B \\* H up to 65535"):
+        attention(z, z, z, backend="triton")
     # auto falls back to the reference for both
     torch.testing.assert_close(attention(x, x, x), reference.attention(x, x, x))
+
+
+def test_attention_is_once_differentiable():
+    """A second derivative through the fused backward would be silently wrong: it raises instead."""
+    x = torch.randn(1, 1, 16, 16, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(attention(x, x, x, backend="triton").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 @pytest.mark.parametrize(
