@@ -154,3 +154,31 @@ def test_adaptor_selection_window_mode_and_errors():
     with pytest.raises(ValueError, match="num_heads"):
         RadioModel.from_radio_checkpoint(heads_unknown)
     assert RadioModel.from_radio_checkpoint(heads_unknown, num_heads=3).config.num_heads == 3
+
+
+def test_feature_normalizer_is_loaded_and_applied(tmp_path):
+    """A checkpoint's _feature_normalizer whitens every output token: (x - mean) @ tx^T, heads included."""
+    model = source_model()
+    g = torch.Generator().manual_seed(11)
+    D = model.embed_dim
+    mean, tx = torch.randn(D, generator=g), torch.randn(D, D, generator=g) / D**0.5
+    sd = training_layout(model)
+    sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx, "inter_feature_normalizer.x": mean})
+    with pytest.warns(UserWarning, match="intermediate feature normalisers"):
+        loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+    assert loaded.config.feature_normalizer and "feature_norm.tx" in loaded.state_dict()
+
+    x = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        tokens, grid = model.forward_features(x)
+        expected = model._outputs((tokens - mean) @ tx.T, grid, "NLC")
+        got = loaded(x)
+    for name in expected:
+        torch.testing.assert_close(got[name].features, expected[name].features, msg=name)
+        if expected[name].summary is not None:
+            torch.testing.assert_close(got[name].summary, expected[name].summary, msg=name)
+    # and it round-trips through save_pretrained
+    loaded.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        again = RadioModel.from_pretrained(tmp_path / "m").eval()(x)
+    assert torch.equal(again["backbone"].features, got["backbone"].features)

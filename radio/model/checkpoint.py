@@ -32,14 +32,17 @@ The architecture is read off the tensors (width, depth, MLP width, qkv bias, Lay
 patch size, CPE table size, head shapes); the head count, which weights do not reveal, comes from
 ``args.model_kwargs["num_heads"]``, the timm model name, or the ``num_heads`` argument. From ``args``:
 ``teachers`` (names, ``use_summary``, ``token_slot``, ``fd_upsample_factor``) and
-``cls_token_per_teacher``. Feature normalisers stored next to the model (``_feature_normalizer``) are
-not applied by ``RadioModel``; they are ignored with a warning.
+``cls_token_per_teacher``. A feature normaliser stored next to the model (``_feature_normalizer.mean`` /
+``.tx``, or without the underscore) becomes ``RadioModel.feature_norm`` (``config.feature_normalizer``),
+applied to all output tokens as the official model does; the per-layer intermediate normalisers are
+not applied to ``forward_intermediates`` and are ignored with a warning.
 
 Only load checkpoints you trust: a ``.pth`` holding a Namespace needs ``torch.load(weights_only=False)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -61,13 +64,8 @@ _TIMM_HEADS = (
     ("vit_giant", 16),
     ("vit_gigantic", 16),
 )
-_IGNORED_PREFIXES = (
-    "summary_idxs",
-    "feature_normalizer.",
-    "inter_feature_normalizer.",
-    "_feature_normalizer.",
-    "_intermediate_feature_normalizer.",
-)
+_FEATURE_NORMALIZERS = ("_feature_normalizer.", "feature_normalizer.")
+_INTERMEDIATE_NORMALIZERS = ("inter_feature_normalizer.", "_intermediate_feature_normalizer.")
 _BACKBONE_RENAMES = {
     "patch_generator.embedder.weight": "patch_embed.proj.weight",
     "patch_generator.pos_embed": "cpe.pos_embed",
@@ -134,6 +132,17 @@ def _summary_idxs(args: Any, state: dict[str, torch.Tensor], num_cls: int) -> li
         if teacher.get("use_summary", True):
             first_index.setdefault(teacher["name"], i)
     return sorted(first_index.values()) or list(range(num_cls))
+
+
+def _feature_normalizer(state: dict) -> dict[str, torch.Tensor]:
+    """{"mean": (D,), "tx": (D, D)} of the checkpoint's feature normaliser, or {} when it has none."""
+    for prefix in _FEATURE_NORMALIZERS:
+        found = _strip(state, prefix)
+        if found:
+            if set(found) != {"mean", "tx"}:
+                raise ValueError(f"{prefix}* must hold 'mean' and 'tx', got {sorted(found)}")
+            return {"mean": found["mean"].reshape(-1), "tx": found["tx"]}
+    return {}
 
 
 def _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix) -> RadioConfig:
@@ -265,6 +274,9 @@ def load_radio_checkpoint(
         raise ValueError("backbone has spectral-reparametrised weights; load the EMA state dict (use_ema=True)")
 
     config = _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix)
+    feature_norm = _feature_normalizer(state)
+    if feature_norm:
+        config = dataclasses.replace(config, feature_normalizer=True)
     heads = _head_states(layout, state, args, adaptor_names)
     specs = [_adaptor_spec(name, *parts, args) for name, parts in heads.items()]
     model = model_cls(config, specs)
@@ -287,8 +299,11 @@ def load_radio_checkpoint(
         mapped.update({f"adaptors.{name}.summary_head.{k}": v for k, v in summ.items()})
         mapped.update({f"adaptors.{name}.feature_head.{k}": v for k, v in feat.items()})
 
-    if any(k.startswith(p) for k in state for p in _IGNORED_PREFIXES[1:]):
-        warnings.warn("checkpoint feature normalisers are not applied by RadioModel; ignored", stacklevel=2)
+    mapped.update({f"feature_norm.{k}": v for k, v in feature_norm.items()})
+    if any(k.startswith(p) for k in state for p in _INTERMEDIATE_NORMALIZERS):
+        warnings.warn(
+            "checkpoint intermediate feature normalisers are not applied by RadioModel; ignored", stacklevel=2
+        )
     result = model.load_state_dict(mapped, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

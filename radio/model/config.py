@@ -46,6 +46,10 @@ class RadioConfig:
 
     ``final_norm``: a LayerNorm (eps 1e-6) applied to all output tokens. Official RADIO checkpoints are
     trained without one (their timm ``norm`` is replaced by an identity), so loading them sets it False.
+
+    ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of all output tokens after
+    the final norm, before the summary, the features and the adaptor heads; official checkpoints that
+    store a ``_feature_normalizer`` carry it, and loading them turns it on with their ``mean`` / ``tx``.
     """
 
     embed_dim: int = 768
@@ -67,6 +71,7 @@ class RadioConfig:
     vitdet_prefix: str = "skip"
     attention_backend: str = "auto"
     final_norm: bool = True
+    feature_normalizer: bool = False
 
     def __post_init__(self) -> None:
         self.summary_idxs = list(self.summary_idxs)

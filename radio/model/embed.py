@@ -37,3 +37,19 @@ class PatchEmbed(nn.Module):
         # unfold yields (B, C*p*p, L) with the (c, row, col) flattening order that matches the weight layout.
         patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
         return self.proj(patches)
+
+
+class FeatureNormalizer(nn.Module):
+    """A fixed affine whitening of output tokens, ``y = (x - mean) @ tx^T`` (buffers ``mean`` (D,), ``tx`` (D, D)).
+
+    Official RADIO checkpoints may store one (``_feature_normalizer``); it is applied to every output
+    token before the summary, the features and the adaptor heads. Identity until loaded.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("tx", torch.eye(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) @ self.tx.to(x.dtype).T

@@ -30,7 +30,7 @@ from .adaptors import Adaptor
 from .blocks import Attention, Block, init_vit_weights
 from .config import ATTENTION_BACKENDS, AdaptorSpec, RadioConfig
 from .cpe import PositionEmbedding
-from .embed import InputNormalizer, PatchEmbed
+from .embed import FeatureNormalizer, InputNormalizer, PatchEmbed
 from .vitdet import WindowedRun
 
 FEATURE_FORMATS = ("NLC", "NCHW", "NHWC")
@@ -96,6 +96,7 @@ class RadioModel(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(D, eps=1e-6) if config.final_norm else nn.Identity()
+        self.feature_norm = FeatureNormalizer(D) if config.feature_normalizer else nn.Identity()
         self._windowed = config.windowed_blocks()
         self._external_preprocessor = False
         self.grad_checkpointing = False
@@ -253,7 +254,11 @@ class RadioModel(nn.Module):
         """
         tokens, grid = self._embed(x, generator, cpe_uniforms)
         tokens, _ = self._run_blocks(tokens, grid)
-        return self.norm(tokens), grid
+        return self._final_norm(tokens), grid
+
+    def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm, then the (official checkpoints') feature normaliser, when configured."""
+        return self.feature_norm(self.norm(tokens))
 
     # ------------------------------------------------------------------ outputs
     def _backbone_output(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str) -> RadioOutput:
@@ -332,12 +337,12 @@ class RadioModel(nn.Module):
         tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
         intermediates = []
         for i in take:
-            t = self.norm(taken[i]) if norm else taken[i]
+            t = self._final_norm(taken[i]) if norm else taken[i]
             out = self._backbone_output(t, grid, output_fmt)
             intermediates.append(out if return_prefix_tokens else out.features)
         if intermediates_only:
             return intermediates
-        return self._outputs(self.norm(tokens), grid, output_fmt), intermediates
+        return self._outputs(self._final_norm(tokens), grid, output_fmt), intermediates
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
