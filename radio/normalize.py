@@ -17,8 +17,10 @@ rotation, hence exactly invertible: ``y = U H^T y_hat / alpha + mu``.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -265,3 +267,47 @@ class PHISNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, refresh_every={self.refresh_every}, freeze_after={self.freeze_after}"
+
+
+NORMALIZERS_FILE = "teacher_normalizers.safetensors"
+
+
+def save_normalizers(directory: str | os.PathLike, normalizers: dict[str, PHISNormalizer]) -> Path:
+    """Write the fitted transforms of several normalisers (one per teacher) next to an exported model.
+
+    Only what ``forward`` / ``inverse`` need is kept (mean, alpha and the two matrices); the running
+    statistics stay in the training checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, phis in normalizers.items():
+        if "/" in name:
+            raise ValueError(f"teacher names must not contain '/', got {name!r}")
+        for key in ("mean", "alpha", "forward_matrix", "inverse_matrix", "num_fits"):
+            tensors[f"{name}/{key}"] = getattr(phis, key).detach().cpu().contiguous()
+    path = Path(directory) / NORMALIZERS_FILE
+    save_file(tensors, str(path))
+    return path
+
+
+def load_normalizers(directory: str | os.PathLike) -> dict[str, PHISNormalizer]:
+    """The per-teacher normalisers written by ``save_normalizers`` (e.g. by ``radio export``).
+
+    Map an adaptor's output back into the real teacher's feature space with
+    ``load_normalizers(model_dir)[teacher].inverse(features)``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory) / NORMALIZERS_FILE
+    if not path.is_file():
+        raise ValueError(f"{str(directory)!r} has no {NORMALIZERS_FILE} (written by `radio export`)")
+    tensors = load_file(str(path))
+    out: dict[str, PHISNormalizer] = {}
+    for name in sorted({k.split("/", 1)[0] for k in tensors}):
+        mean = tensors[f"{name}/mean"]
+        phis = PHISNormalizer(mean.shape[0])
+        for key in ("mean", "alpha", "forward_matrix", "inverse_matrix", "num_fits"):
+            getattr(phis, key).copy_(tensors[f"{name}/{key}"])
+        out[name] = phis
+    return out

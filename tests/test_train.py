@@ -112,8 +112,20 @@ def test_export_round_trip(tmp_path):
     out = model.eval()(torch.rand(1, 3, 32, 48))
     assert set(out) == {"backbone", "siglip2", "dinov3", "sam3"}
     assert out["sam3"].summary is None and out["dinov3"].summary.shape == (1, 32)
+    # the teachers' PHI-S transforms travel with the model: inverse() maps adaptor outputs back
+    from radio.normalize import PHISNormalizer, load_normalizers
+
+    phis = load_normalizers(tmp_path / "model")
+    assert set(phis) == {"siglip2", "dinov3", "sam3"}
+    trained = PHISNormalizer(32)
+    trained.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path / "run"))["teachers"]["dinov3"]["normalizer"])
+    y = torch.randn(5, 32)
+    torch.testing.assert_close(phis["dinov3"].inverse(y), trained.inverse(y))
+    torch.testing.assert_close(phis["dinov3"](phis["dinov3"].inverse(y)), y)
     with pytest.raises(ValueError, match="no checkpoints"):
         export_run(tmp_path / "nowhere", tmp_path / "model2")
+    with pytest.raises(ValueError, match="teacher_normalizers"):
+        load_normalizers(tmp_path / "nowhere")
 
 
 def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):

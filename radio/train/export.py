@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
+from radio.normalize import PHISNormalizer, save_normalizers
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 
@@ -13,7 +14,8 @@ __all__ = ["export_run"]
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True) -> Path:
-    """Write the latest checkpoint's EMA student (with its adaptor heads) to ``out_dir``.
+    """Write the latest checkpoint's EMA student (with its adaptor heads) to ``out_dir``, and each
+    teacher's PHI-S transform (``radio.normalize.load_normalizers(out_dir)``).
 
     Returns the checkpoint file used.
     """
@@ -28,4 +30,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
     )
     model.load_state_dict(state["ema" if use_ema else "student"])
     model.save_pretrained(out_dir)
+    # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
+    # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.
+    normalizers = {}
+    for name, teacher_state in state["teachers"].items():
+        saved = teacher_state["normalizer"]
+        normalizers[name] = PHISNormalizer(saved["mean"].shape[0])
+        normalizers[name].load_state_dict(saved)
+    save_normalizers(out_dir, normalizers)
     return path
