@@ -9,6 +9,7 @@ CPU tensors runs the kernel under the Triton interpreter, which must have been s
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -38,3 +39,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "before importing radio_kernels to run the kernels on CPU, or use backend='torch'"
         )
     return backend
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while kernels launch: Triton launches on the current CUDA device (and
+    the attention tile table is chosen from it), which need not be the tensors' one (cuda:1 inputs
+    while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from ._checks import check_same_device, check_tensor
 from .shifted_mse import grad_dtype, new_grad_buffer, scale_grad
 
@@ -230,7 +230,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
     disp = _check_dispersion(dispersion, device)
     if resolve_backend(backend, device) == "torch":
         return reference.angular_loss(x, y.detach(), disp).float()
-    return AngularLossFunction.apply(x, y.detach(), disp)
+    with device_guard(x.device):
+        return AngularLossFunction.apply(x, y.detach(), disp)
 
 
 def angular_dispersion(y: torch.Tensor) -> torch.Tensor:

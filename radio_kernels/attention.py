@@ -35,7 +35,7 @@ from ._attention_kernels import (
     attn_bwd_dq_kernel,
     attn_fwd_kernel,
 )
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from ._checks import check_same_device, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -110,7 +110,8 @@ def attention(
     if chosen == "torch" or unsupported:
         return reference.attention(q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _FusedAttention.apply(q, k, v, num_prefix, window_tokens, scale)
+    with device_guard(q.device):
+        return _FusedAttention.apply(q, k, v, num_prefix, window_tokens, scale)
 
 
 class _FusedAttention(torch.autograd.Function):

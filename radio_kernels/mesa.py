@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from ._checks import check_feature_pair, check_same_device, check_shift
 from .shifted_mse import check_row_count, grad_dtype, new_grad_buffer, overlap_cells, scale_grad, shifted_cells
 
@@ -191,7 +191,8 @@ def mesa_loss(
         return reference.mesa_loss(student, ema.detach(), shift, eps=eps).float()
     if shift is None:
         shift = torch.zeros(student.shape[0], 2, dtype=torch.int64, device=device)
-    return MesaLossFunction.apply(student, ema.detach(), shift, float(eps))
+    with device_guard(student.device):
+        return MesaLossFunction.apply(student, ema.detach(), shift, float(eps))
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from ._checks import check_feature_pair, check_same_device, check_shift
 
 # Elements per program tile (BLOCK_R rows x BLOCK_C channels) and warps per program.
@@ -201,7 +201,8 @@ def shifted_mse(
     shift = check_shift(shift, student.shape[0], device)
     if resolve_backend(backend, device) == "torch":
         return reference.shifted_mse(student, target.detach(), shift).float()
-    return ShiftedMSEFunction.apply(student, target.detach(), shift)
+    with device_guard(student.device):
+        return ShiftedMSEFunction.apply(student, target.detach(), shift)
 
 
 # ----------------------------------------------------------------------------------------
