@@ -62,9 +62,11 @@ def atan2_nonneg(y, x):
     maps t into [-0.172, 0.415]; there atan is the Cephes atanf minimax odd polynomial. Finally
     atan2 = pi/2 - atan(x / y) when y > x.
     """
-    t = tl.minimum(y, x) / tl.maximum(y, x)
+    # Correctly rounded divisions (div.rn): the GPU's default fp32 division (div.full) is off by up to
+    # 2 ulp, which would eat the polynomial's accuracy budget.
+    t = tl.div_rn(tl.minimum(y, x), tl.maximum(y, x))
     big = t > TAN_PI_8
-    z = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z = tl.where(big, tl.div_rn(t - 1.0, t + 1.0), t)
     z2 = z * z
     poly = ((8.05374449538e-2 * z2 - 1.38776856032e-1) * z2 + 1.99777106478e-1) * z2 - 3.33329491539e-1
     r = poly * z2 * z + z
