@@ -22,8 +22,8 @@ Launches (``rows`` = what a program owns, ``cols`` = what its inner loop walks):
 
 Windowed launches with small windows (T < 128) take the "narrow" 64-row variant: a 128-row tile
 would straddle two or more windows and mask (and waste) half of every block. Prefix columns in
-windowed launches are walked in blocks of BLOCK_P = next_pow2(P) (min 16, max BLOCK_N), not a
-full BLOCK_N, since P is ~10.
+windowed launches are walked in blocks of BLOCK_P = 16 (ceil(P / 16) of them), not a full BLOCK_N,
+since P is ~10.
 """
 
 from __future__ import annotations
@@ -172,9 +172,17 @@ def pick_tile(launch: str, head_dim: int, elem_size: int, window_tokens: int = 0
     return table[launch, bd, elem_size, narrow]
 
 
-def prefix_block(num_prefix: int, block_n: int) -> int:
-    """Column block for the prefix range of a windowed launch: next_pow2(P) in [16, block_n]."""
-    return min(block_n, max(16, 1 << (max(num_prefix, 1) - 1).bit_length()))
+PREFIX_BLOCK = 16  # C-RADIO's 10 prefix tokens fit one narrow column block
+
+
+def prefix_block(block_n: int) -> int:
+    """Column block for the prefix range of a windowed launch: always 16 (at most BLOCK_N).
+
+    The kernels walk the P prefix columns in ceil(P / 16) such blocks, so one value serves every P
+    and the audit compiles every shipped variant; wider prefix blocks spilled for some fp32 / D=128
+    tiles and bought nothing for the ~10 prefix tokens a ViT has.
+    """
+    return min(block_n, PREFIX_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,7 +190,6 @@ def prefix_block(num_prefix: int, block_n: int) -> int:
 # ----------------------------------------------------------------------------------------
 AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 128)
 AUDIT_DTYPES = ("fp16", "bf16", "fp32")
-AUDIT_PREFIX = 10  # C-RADIO's prefix tokens: BLOCK_P = 16 in windowed launches
 # ``--sample`` (the quick audit of tests/test_audit.py): arch -> (dtype, head dim) whose global
 # fwd / dq / dkdv tiles and delta it compiles; the Hopper ones must use HGMMA, the Ampere ones are
 # the tiles that override Hopper's.
@@ -236,7 +243,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                     rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
                     for label, tile_launch, narrow, windowed in _variants(launch):
                         tile = table[tile_launch, bd, es, narrow]
-                        block_p = prefix_block(AUDIT_PREFIX, tile.block_n) if windowed else tile.block_n
+                        block_p = prefix_block(tile.block_n) if windowed else tile.block_n
                         out.append(AuditConfig(
                             kernel=kernel,
                             label=f"{launch} {label} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",

@@ -197,7 +197,7 @@ def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float
     es = q.element_size()
     for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
         tile = configs.pick_tile("fwd_prefix" if prefix else "fwd", D, es, window_tokens)
-        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
         attn_fwd_kernel[_grid(end - start, tile.block_m, B * H)](
             q, k, v, out, lse, *strides, H, N, num_prefix, max(window_tokens, 1), start, end,
             scale * LOG2E, WINDOWED=windowed, HEAD_D=D, BLOCK_D=configs.block_d_of(D),
@@ -226,7 +226,7 @@ def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: in
     for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
         # dK, dV: rows are keys, columns queries (the kernel's BLOCK_N / BLOCK_M).
         tile = configs.pick_tile("dkdv_prefix" if prefix else "dkdv", D, es, window_tokens)
-        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
         attn_bwd_dkdv_kernel[_grid(end - start, tile.block_m, B * H)](
             q, k, v, do, dk, dv, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
             start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_n,
@@ -234,7 +234,7 @@ def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: in
             num_stages=tile.num_stages, **common,
         )  # fmt: skip
         tile = configs.pick_tile("dq_prefix" if prefix else "dq", D, es, window_tokens)
-        block_p = configs.prefix_block(num_prefix, tile.block_n) if windowed else tile.block_n
+        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
         attn_bwd_dq_kernel[_grid(end - start, tile.block_m, B * H)](
             q, k, v, do, dq, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
             start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_m,

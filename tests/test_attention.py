@@ -192,6 +192,12 @@ def test_every_head_dim_float16(D):
     check_against_reference(1, 1, 61, D, 4, 19, torch.float16, packed=True)
 
 
+@pytest.mark.parametrize("P, T", [(17, 16), (20, 48), (33, 36), (40, 64)])
+def test_more_than_sixteen_prefix_tokens(P, T):
+    """P > 16 walks the prefix columns in several 16-wide blocks (full ones, then a masked tail)."""
+    check_against_reference(1, 2, P + 2 * T, 32, P, T, torch.float16, packed=True)
+
+
 def test_custom_scale():
     check_against_reference(1, 2, 45, 32, 10, 35, torch.float32, packed=False, scale=0.3)
 
@@ -204,6 +210,7 @@ def test_gpu_tile_tables_under_interpreter(table):
         check_against_reference(1, 1, 10 + 2 * 144, 80, 10, 144, torch.float16, packed=False)
         check_against_reference(1, 1, 201, 128, 0, 0, torch.float32, packed=False)
         check_against_reference(1, 1, 10 + 3 * 48, 16, 10, 48, torch.float16, packed=True)  # narrow, D 16
+        check_against_reference(1, 1, 20 + 2 * 144, 64, 20, 144, torch.float16, packed=True)  # 2 prefix blocks
 
 
 def test_windows_without_prefix_equal_vitdet_partition():
