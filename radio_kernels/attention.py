@@ -67,12 +67,17 @@ def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) ->
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
 
 
-def triton_supports(q: torch.Tensor) -> str | None:
-    """None when the kernels handle q's dtype and head dim, else the reason they don't."""
+def triton_supports(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
+    """None when the kernels handle q's (and ``tensors``') dtype, head dim and layout, else the reason."""
+    tensors = (q, *tensors)
     if q.dtype not in TRITON_DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    if q.shape[2] * max(abs(t.stride(2)) for t in tensors) >= 2**31:
+        # Row offsets (token index x token stride) are int32 inside the kernels; batch and head
+        # offsets are int64. Only sequence-major layouts of huge tensors get here.
+        return "the Triton kernels need N * (token stride) < 2**31; pass q, k, v in (B, N, H, D) storage"
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         # B * H runs on the launch grid's second axis, which CUDA caps at 65535.
         return f"the Triton kernels take B * H up to {MAX_GRID_Y}, got {q.shape[0]} * {q.shape[1]}"
@@ -104,7 +109,7 @@ def attention(
     """
     check_attention_args(q, k, v, num_prefix, window_tokens, scale)
     chosen = resolve_backend(backend, q.device)
-    unsupported = triton_supports(q) if chosen == "triton" else None
+    unsupported = triton_supports(q, k, v) if chosen == "triton" else None
     if unsupported and backend == "triton":
         raise ValueError(f"{unsupported}; use backend='torch'")
     if chosen == "torch" or unsupported:

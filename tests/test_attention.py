@@ -24,6 +24,7 @@ from tolerance import EPS, assert_close_to_reference
 
 from radio_kernels import _attention_configs as configs
 from radio_kernels import attention, reference
+from radio_kernels.attention import triton_supports
 
 # the package re-exports the function under the module's name
 attention_module = importlib.import_module("radio_kernels.attention")
@@ -261,6 +262,9 @@ def test_triton_backend_rejects_what_the_kernels_lack():
     z = torch.zeros(1, 1, 4, 16, dtype=torch.float16, device=DEVICE).expand(65536, 1, 4, 16)
     with pytest.raises(ValueError, match="B \\* H up to 65535"):
         attention(z, z, z, backend="triton")
+    # token stride x N beyond int32 (a sequence-major view of a huge tensor)
+    big = torch.empty_strided((1, 1, 2, 16), (16, 16, 2**31, 1), dtype=torch.float16, device="meta")
+    assert "2**31" in triton_supports(big, big, big)
     # auto falls back to the reference for both
     torch.testing.assert_close(attention(x, x, x), reference.attention(x, x, x))
 
