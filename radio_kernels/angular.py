@@ -29,13 +29,12 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import device_guard, resolve_backend
 from ._checks import check_same_device, check_tensor
-from .shifted_mse import grad_dtype, new_grad_buffer, scale_grad
+from .shifted_mse import StoredGradientLoss, grad_dtype, new_grad_buffer
 
 TILE = 2048
 NUM_WARPS = 4
@@ -189,20 +188,12 @@ def angular_forward(
     return partial.sum(), grad
 
 
-class AngularLossFunction(torch.autograd.Function):
+class AngularLossFunction(StoredGradientLoss):
     @staticmethod
     def forward(ctx, x, y, dispersion):
         theta2_sum, grad_sum = angular_forward(x, y)
         inv_n = 1.0 / (max(x.shape[0], 1) * dispersion)  # 1 / (B * Disp), on device
-        ctx.save_for_backward(grad_sum, inv_n)
-        ctx.input_dtype = x.dtype
-        return theta2_sum * inv_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_sum, inv_n = ctx.saved_tensors
-        return scale_grad(grad_sum, grad_output * inv_n, ctx.input_dtype), None, None
+        return StoredGradientLoss.finish(ctx, theta2_sum, grad_sum, inv_n, x)
 
 
 def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import device_guard, resolve_backend
 from ._checks import check_feature_pair, check_same_device, check_shift
-from .shifted_mse import check_row_count, grad_dtype, new_grad_buffer, overlap_cells, scale_grad, shifted_cells
+from .shifted_mse import StoredGradientLoss, check_row_count, grad_dtype, new_grad_buffer, overlap_cells, shifted_cells
 
 # Elements per program tile (BLOCK_R cells x BLOCK_C channels); chunks up to 2048 channels so
 # that a realistic C (1280, 1536) is one chunk and the re-reads of sweeps 2-3 are from L1.
@@ -153,20 +152,12 @@ def mesa_forward(
     return partial.sum(), grad
 
 
-class MesaLossFunction(torch.autograd.Function):
+class MesaLossFunction(StoredGradientLoss):
     @staticmethod
     def forward(ctx, student, ema, shift, eps):
         sq_sum, grad_sum = mesa_forward(student, ema, shift, eps)
         inv_n = 1.0 / (overlap_cells(student.shape, ema.shape, shift) * student.shape[-1]).clamp(min=1)
-        ctx.save_for_backward(grad_sum, inv_n)
-        ctx.input_dtype = student.dtype
-        return sq_sum * inv_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_sum, inv_n = ctx.saved_tensors
-        return scale_grad(grad_sum, grad_output * inv_n, ctx.input_dtype), None, None, None
+        return StoredGradientLoss.finish(ctx, sq_sum, grad_sum, inv_n, student)
 
 
 def mesa_loss(

@@ -139,9 +139,25 @@ def new_grad_buffer(shape, like: torch.Tensor, grad: torch.Tensor | None) -> tor
     return grad
 
 
-def scale_grad(grad_sum: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Backward of the loss kernels: the stored summed gradient times grad_output / N, in ``dtype``."""
-    return (grad_sum * scale).to(dtype)
+class StoredGradientLoss(torch.autograd.Function):
+    """Base of the loss Functions: forward runs a kernel that returns the summed loss and the gradient
+    of that sum (one read of each input); ``finish`` stores it, and backward only scales it by
+    grad_output / N (Liger's pattern). Only the first input gets a gradient.
+    """
+
+    @staticmethod
+    def finish(ctx, loss_sum: torch.Tensor, grad_sum: torch.Tensor, inv_n: torch.Tensor, like: torch.Tensor):
+        ctx.save_for_backward(grad_sum, inv_n)
+        ctx.input_dtype = like.dtype
+        return loss_sum * inv_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, *_):
+        grad_sum, inv_n = ctx.saved_tensors
+        # One elementwise pass; the fp32 scale is formed first so only the product is rounded.
+        grad = (grad_sum * (grad_output * inv_n)).to(ctx.input_dtype)
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def shifted_mse_forward(
@@ -171,21 +187,12 @@ def shifted_mse_forward(
     return partial.sum(), grad
 
 
-class ShiftedMSEFunction(torch.autograd.Function):
+class ShiftedMSEFunction(StoredGradientLoss):
     @staticmethod
     def forward(ctx, student, target, shift):
         sq_sum, grad_sum = shifted_mse_forward(student, target, shift)
         inv_n = 1.0 / (overlap_cells(student.shape, target.shape, shift) * student.shape[-1]).clamp(min=1)
-        ctx.save_for_backward(grad_sum, inv_n)
-        ctx.input_dtype = student.dtype
-        return sq_sum * inv_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_sum, inv_n = ctx.saved_tensors
-        # One elementwise pass; the fp32 scale is formed first so only the product is rounded.
-        return scale_grad(grad_sum, grad_output * inv_n, ctx.input_dtype), None, None
+        return StoredGradientLoss.finish(ctx, sq_sum, grad_sum, inv_n, student)
 
 
 def shifted_mse(
