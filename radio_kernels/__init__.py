@@ -3,6 +3,7 @@
 Every op takes ``backend="auto" | "triton" | "torch"`` (see ``radio_kernels._backend``).
 """
 
+from . import nn
 from .angular import DispersionMeter, angular_dispersion, angular_loss
 from .attention import attention
 from .mesa import mesa_loss
@@ -14,5 +15,6 @@ __all__ = [
     "angular_loss",
     "attention",
     "mesa_loss",
+    "nn",
     "shifted_mse",
 ]
