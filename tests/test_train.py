@@ -100,6 +100,31 @@ def test_stop_and_resume_logs_the_same_losses(tmp_path):
         torch.testing.assert_close(ca["ema"][k], cb["ema"][k], rtol=1e-6, atol=1e-6)
 
 
+def test_resume_with_another_rank_count_continues_the_damp_stream(tmp_path):
+    """A checkpoint written by a 2-rank run, resumed by 1 process, keeps DAMP's noise stream going."""
+    from radio.train import load_run_config
+
+    def cfg_for(name):
+        cfg = tiny_cfg(tmp_path / name, steps=4)
+        cfg.fidelity.enabled = False
+        cfg.damp.sigma = 0.2
+        return cfg
+
+    train(cfg_for("full"), progress=False, log=lambda *a: None)
+    train(cfg_for("part"), stop_after=2, progress=False, log=lambda *a: None)
+    path = latest_checkpoint(tmp_path / "part")
+    state = load_checkpoint(path)
+    state["rng"]["per_rank"] = state["rng"]["per_rank"] * 2  # as if two ranks had saved it
+    torch.save(state, path)
+    logs = []
+    resumed = load_run_config(tmp_path / "part")
+    resumed.run.out = str(tmp_path / "part")
+    train(resumed, resume=True, progress=False, log=logs.append)
+    assert any("DAMP stream continued" in line for line in logs)
+    for ra, rb in zip(_losses(tmp_path / "full"), _losses(tmp_path / "part")):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-6), ra["step"]
+
+
 def test_export_round_trip(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", steps=2)
     cfg.fidelity.enabled = False

@@ -184,10 +184,18 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             slot.load_state(state["teachers"][name])
         rng = state["rng"]
         per_rank = rng["per_rank"] if len(rng["per_rank"]) == info.world_size else None
-        if per_rank is None and info.is_main:
-            log(f"resuming with {info.world_size} ranks from a {len(rng['per_rank'])}-rank run: RNG streams reseeded")
         if per_rank is not None:
             _set_rng_state(per_rank[info.rank], generators)
+        else:
+            # The DAMP stream is the same on every rank: continue it from rank 0's; only the
+            # per-rank global torch RNG (unused by the recipe's randomness) starts afresh.
+            for k, g in generators.items():
+                g.set_state(rng["per_rank"][0]["generators"][k])
+            if info.is_main:
+                log(
+                    f"resuming with {info.world_size} ranks from a {len(rng['per_rank'])}-rank run: "
+                    "global torch RNG reseeded, DAMP stream continued"
+                )
         start, skipped = state["step"], set(state["data"]["skipped"])
         if info.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
