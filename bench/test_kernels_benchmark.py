@@ -30,6 +30,8 @@ def _run(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0):
         torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=30, warmup_rounds=5, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a plain test, nothing was timed
+        return
     median = benchmark.stats.stats.median
     if bytes_moved:
         benchmark.extra_info.update(bytes=bytes_moved, gbps=bytes_moved / median / 1e9)
