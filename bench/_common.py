@@ -160,3 +160,94 @@ def reference_numbers(device: torch.device | str, quick: bool = False) -> dict:
         "copy_GBps": copy_bandwidth_gbps(device, mbytes),
         f"{'bf16' if on_gpu else 'fp32'}_matmul_TFLOPs": matmul_tflops(device, n, dtype),
     }
+
+
+# ----------------------------------------------------------------------------------------
+# GPU run hygiene: compile caches warmed in parallel, enough recompiles, plots that cannot fail
+# ----------------------------------------------------------------------------------------
+def allow_recompiles(limit: int = 64) -> None:
+    """Let torch.compile keep one compiled graph per benchmark shape.
+
+    Dynamo's default ``recompile_limit`` (alias ``cache_size_limit``) is 8 per code object; a sweep
+    of static shapes (and bf16 / fp32 entry variants) passes that, after which dynamo silently runs
+    the function *eagerly*, so a "compiled" row would time eager code.
+    """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
+def prewarm(target: Callable, items: list, timeout_s: float, max_parallel: int = 8) -> str:
+    """Run ``target(item)`` for every item in spawned processes, up to ``max_parallel`` at once, and
+    return a one-line report. Stragglers are killed at ``timeout_s``; failures are only reported.
+
+    Why: Triton (and inductor) compile in the launching thread, one kernel after another: 40 attention
+    kernel variants take minutes serially. Compiling each shape in its own process fills the on-disk
+    caches (Triton's ``~/.triton/cache``, inductor's FX graph cache) in parallel, and the timed
+    process then loads the binaries. Compile specialisations depend on dtypes, constexprs and the
+    divisibility of integer arguments, so ``target`` runs the real shapes.
+    """
+    import multiprocessing as mp
+
+    if not items:
+        return "prewarm: nothing to compile"
+    ctx = mp.get_context("spawn")  # a forked child cannot use CUDA once the parent has
+    started = time.time()
+    deadline = started + timeout_s
+    pending, running, failed, killed = list(items), [], 0, 0
+    while pending or running:
+        while pending and len(running) < max_parallel:
+            proc = ctx.Process(target=target, args=(pending.pop(0),), daemon=True)
+            proc.start()
+            running.append(proc)
+        for proc in list(running):
+            proc.join(timeout=0.2)
+            if proc.exitcode is not None:
+                running.remove(proc)
+                failed += proc.exitcode != 0
+        if time.time() > deadline:
+            for proc in running:
+                proc.kill()
+                proc.join()
+            killed = len(running) + len(pending)
+            break
+    done = len(items) - failed - killed
+    return (
+        f"prewarm: {done}/{len(items)} shapes compiled in parallel in {time.time() - started:.0f} s"
+        + (f", {failed} failed" if failed else "")
+        + (f", {killed} stopped at {timeout_s:.0f} s" if killed else "")
+        + (" (compile caches warm: first-step / first-call times are not cold-compile times)" if done else "")
+    )
+
+
+def plot_xy(path: str, series: dict, xlabel: str, ylabel: str, title: str, logx=False, logy=False) -> str | None:
+    """Line plot of ``series`` {label: [(x, y), ...]} to ``path`` (PNG). Returns None on success, else
+    why no plot was written: a plot must never cost a benchmark its CSV and markdown."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, pts in series.items():
+            pts = sorted((x, y) for x, y in pts if y == y and y is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log" if logx else "linear")
+        ax.set_yscale("log" if logy else "linear")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return None
+    except Exception as err:  # noqa: BLE001 - see docstring
+        return f"no plot: {type(err).__name__}: {err}"

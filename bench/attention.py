@@ -8,8 +8,9 @@ keys, prefix queries see everything). Passes: forward, backward, forward + backw
 Providers:
     ours            radio_kernels.attention, backend="triton"
     sdpa-<backend>  F.scaled_dot_product_attention pinned to flash / efficient / cudnn / math; for
-                    windows with prefix, on per-window copies that include the prefix (this is
-                    reference.attention, the only way SDPA can express the rule)
+                    windows with prefix, on per-window copies that include the prefix (the rule of
+                    reference.attention, with windows folded into the head axis so that the fused
+                    backends, which take 4-D inputs only, can run it: ``sdpa_windowed``)
     flex            torch.compile(flex_attention) with the block mask of the same rule
     eager           softmax(q k^T + mask) v with an explicit N x N mask (reference.attention_dense)
 
@@ -21,9 +22,10 @@ was allocated before it (inputs excluded).
     python -m bench.attention --device cuda --full    # every shape above (several minutes)
     python -m bench.attention --device cpu --quick    # smoke: PyTorch providers at toy sizes
 
-Before timing on a GPU, ours is checked against SDPA at bf16 on every shape's forward (and the
-gradients of the first shape); a mismatch stops the run. Writes
-``bench/results/attention_<date>_<device>[_quick].{csv,md}``.
+Before timing on a GPU, ours and flex are compiled for every shape in parallel processes (Triton
+compiles serially otherwise: minutes), and ours is checked against SDPA at bf16 on every shape's
+forward (and the gradients of the first shape); on a mismatch ours is not timed, the rest is.
+Writes ``bench/results/attention_<date>_<device>[_quick].{csv,md,png}`` (PNG: TFLOP/s against N).
 """
 
 from __future__ import annotations
@@ -126,6 +128,34 @@ def _flex_fn(shape: dict, device):
     return lambda q, k, v: _FLEX["fn"](q, k, v, block_mask=block_mask)
 
 
+def sdpa_windowed(q, k, v, num_prefix: int, window_tokens: int) -> torch.Tensor:
+    """reference.attention's rule on 4-D SDPA calls only: windows folded into the head axis.
+
+    SDPA's fused backends (flash, efficient, cuDNN) take 4-D inputs only; reference.attention hands
+    them 5-D (B, H, windows, T, D) windows, which only the math backend accepts. Folding the windows
+    into the head axis, (B, H * windows, P + T, D), lets every backend run the same rule.
+    """
+    import torch.nn.functional as F
+
+    P, T = num_prefix, window_tokens
+    if T == 0:
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, N, D = q.shape
+    nw = (N - P) // T
+
+    def windows(t: torch.Tensor, with_prefix: bool) -> torch.Tensor:
+        w = t[:, :, P:].reshape(B, H, nw, T, D)
+        if with_prefix and P:
+            w = torch.cat([t[:, :, None, :P].expand(B, H, nw, P, D), w], dim=3)
+        return w.reshape(B, H * nw, w.shape[3], D)
+
+    out = F.scaled_dot_product_attention(windows(q, False), windows(k, True), windows(v, True))
+    out = out.reshape(B, H, N - P, D)
+    if P:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :P], k, v), out], dim=2)
+    return out
+
+
 def attention_fn(provider: str, shape: dict, device):
     """A callable (q, k, v) -> out for one provider, or raises if it cannot run this shape."""
     P, T = shape["prefix"], shape["window"] ** 2
@@ -140,7 +170,7 @@ def attention_fn(provider: str, shape: dict, device):
 
         def run(q, k, v):
             with sdpa_kernel(backend):
-                return reference.attention(q, k, v, num_prefix=P, window_tokens=T)
+                return sdpa_windowed(q, k, v, P, T)
 
         return run
     if provider == "flex":
@@ -218,8 +248,12 @@ def check_ours_against_sdpa(shapes: list[dict], dtype, device) -> list[str]:
     return notes
 
 
-SLOW_PROVIDERS = ("flex", "eager")  # compile per shape / N x N memory: measured after the others
-FLEX_MIN_LEFT_S = 20.0  # a first torch.compile of flex fwd + bwd takes about this long
+# Measured in this order, every shape in a phase before the next phase starts, so a time budget
+# cuts the slow providers (compile per shape / N x N memory) rather than the comparison that
+# matters; cuDNN gets a phase of its own because a backend that faults can lose the CUDA context
+# (everything measured after it in this process), and it is the least proven on new shapes.
+LATE_PHASES = (("sdpa-cudnn",), ("flex", "eager"))
+FLEX_MIN_LEFT_S = 20.0  # a first torch.compile of flex fwd + bwd takes about this long (cold)
 
 
 def _row(shape: dict, which: str, provider: str) -> dict:
@@ -240,20 +274,41 @@ def _row(shape: dict, which: str, provider: str) -> dict:
     )
 
 
-def run(shapes, providers, dtype, device, rep_ms: float, deadline: float, on_progress=None) -> list[dict]:
+def _cuda_alive(device) -> bool:
+    """False once a fault (illegal address, launch failure) has poisoned this process's CUDA context."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return (torch.ones(1, device=device) + 1).item() == 2
+    except Exception:  # noqa: BLE001 - any error here means the context is gone
+        return False
+
+
+def run(
+    shapes, providers, dtype, device, rep_ms: float, deadline: float, on_progress=None, preset_status=None
+) -> list[dict]:
     """One row per (shape, pass, provider), in that order.
 
-    Ours and SDPA are measured first for every shape, FlexAttention and eager math afterwards, so a
-    time budget cuts the slow providers rather than the comparison that matters. ``on_progress(rows)``
-    is called after each shape (to write partial results a hard timeout cannot lose).
+    Phases (ours and SDPA, then cuDNN, then FlexAttention and eager math; see LATE_PHASES) each
+    cover every shape before the next starts. ``on_progress(rows)`` is called after each shape (to
+    write partial results a hard timeout cannot lose). ``preset_status`` {provider: status} marks a
+    provider's rows as not run (ours, when it failed its check against SDPA).
     """
     rows = {(i, w, p): _row(s, w, p) for i, s in enumerate(shapes) for w in PASSES for p in providers}
+    for (_, _, provider), row in rows.items():
+        if provider in (preset_status or {}):
+            row["status"] = preset_status[provider]
     ordered = lambda: [rows[k] for k in sorted(rows, key=lambda k: (k[0], PASSES.index(k[1]), providers.index(k[2])))]
-    for phase in ([p for p in providers if p not in SLOW_PROVIDERS], [p for p in providers if p in SLOW_PROVIDERS]):
+    late = [p for phase in LATE_PHASES for p in phase]
+    phases = [[p for p in providers if p not in late], *([p for p in ph if p in providers] for ph in LATE_PHASES)]
+    for phase in phases:
         for i, shape in enumerate(shapes):
             for which in PASSES:
                 for provider in phase:
                     row = rows[i, which, provider]
+                    if row["status"] != "ok":  # set before the run (ours failed its check)
+                        continue
                     left = deadline - time.time()
                     if left <= 0 or (provider == "flex" and left < FLEX_MIN_LEFT_S):
                         row["status"] = "skipped (time budget)"
@@ -261,7 +316,12 @@ def run(shapes, providers, dtype, device, rep_ms: float, deadline: float, on_pro
                     try:
                         row.update(measure(provider, shape, which, dtype, device, rep_ms))
                     except Exception as err:  # a backend that cannot run this shape: report, go on
-                        row["status"] = f"n/a: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                        row["status"] = f"n/a: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]}"
+                        if not _cuda_alive(device):  # nothing measured after this would be real
+                            lost = f"skipped: CUDA context lost after {provider} failed"
+                            for other in rows.values():
+                                if other["status"] == "ok" and math.isnan(other["ms"]):
+                                    other["status"] = lost
                     finally:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
@@ -357,10 +417,28 @@ def main(argv=None) -> list[dict]:
         "windowed rows: 10 prefix tokens seeing everything, patch tokens their window + the prefix; SDPA runs on "
         "per-window copies that include the prefix",
     ]
+    preset_status = {}
     if cuda:
-        notes += check_ours_against_sdpa(shapes if not a.full else shapes[:6], dtype, device)
-    else:
-        notes.append("CPU smoke run: PyTorch providers only (the Triton kernels need a GPU to be timed)")
+        _common.allow_recompiles()  # flex compiles once per shape and mask: more than dynamo's 8
+        left = started + budget - time.time()
+        warm = [p for p in ("ours", "flex") if p in providers]
+        items = [(shape, warm, "bfloat16", "cuda") for shape in shapes] if warm else []
+        notes.append(_common.prewarm(_warm, items, timeout_s=min(40.0, 0.5 * left), max_parallel=12))
+        print(notes[-1], flush=True)
+    if cuda and "ours" in providers:
+        try:
+            notes += check_ours_against_sdpa(shapes if not a.full else shapes[:6], dtype, device)
+        except Exception as err:  # noqa: BLE001 - reported in the table; SDPA and flex still timed
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+            notes.append(f"CHECK FAILED, ours not timed: {reason}")
+            preset_status["ours"] = "not timed: failed its check against SDPA"
+            print(notes[-1], flush=True)
+    elif not cuda:
+        notes.append(
+            "CPU smoke run: not a speed ("
+            + ("ours runs under the Triton interpreter" if "ours" in providers else "PyTorch providers only")
+            + ")"
+        )
     title = f"Attention at C-RADIOv4 shapes, {device_name}"
     stem = _common.result_stem(a.out, "attention", device, quick=a.quick)
 
@@ -371,10 +449,39 @@ def main(argv=None) -> list[dict]:
             f.write(table)
         return table
 
-    rows = run(shapes, providers, dtype, device, rep_ms, deadline=started + budget, on_progress=write)
+    rows = run(shapes, providers, dtype, device, rep_ms, started + budget, write, preset_status)
     print(write(rows))
-    print(f"wrote {stem}.csv and .md in {time.time() - started:.0f} s")
+    why_not = plot(rows, stem + ".png", title)
+    print(why_not or "", f"wrote {stem}.csv, .md{'' if why_not else ', .png'} in {time.time() - started:.0f} s")
     return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """fwd+bwd TFLOP/s against N per provider and mode, at the smallest head dim measured."""
+    ok = [r for r in rows if r["status"] == "ok" and r["which"] == "fwd+bwd"]
+    if not ok:
+        return "no plot: no fwd+bwd row measured"
+    d = min(r["head_dim"] for r in ok)
+    series: dict[str, list] = {}
+    for r in ok:
+        if r["head_dim"] == d and r["px"] != "":
+            series.setdefault(f"{r['provider']}, {r['mode']}", []).append((r["n"], r["tflops"]))
+    return _common.plot_xy(path, series, "tokens N", "TFLOP/s (fwd + bwd, visible pairs)", f"{title}, D={d}", True)
+
+
+def _warm(item: tuple) -> None:
+    """Prewarm worker (own process): compile ``providers`` (ours, flex) fwd + bwd for one shape."""
+    shape, providers, dtype_name, device = item
+    _common.allow_recompiles()
+    device = torch.device(device)
+    for provider in providers:
+        try:
+            qkv, (q, k, v) = make_inputs(shape, getattr(torch, dtype_name), device, requires_grad=True)
+            out = attention_fn(provider, shape, device)(q, k, v)
+            torch.autograd.grad(out, qkv, torch.ones_like(out))
+        except Exception as err:  # noqa: BLE001 - the timed run reports it properly
+            print(f"prewarm {provider} {shape}: {type(err).__name__}: {err}", flush=True)
+    _common.synchronize(device)
 
 
 if __name__ == "__main__":

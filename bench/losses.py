@@ -10,18 +10,21 @@ shapes in float32 and only the PyTorch providers (the Triton interpreter measure
 Reported per (op, C, provider): median / min ms of one forward + backward, achieved GB/s counting
 the inputs read once plus the gradient written once (the least any implementation must move), that
 as a percentage of the device's copy bandwidth measured in the same run, and the peak device memory
-above the inputs (GPU). Results: ``bench/results/losses_<date>_<device>[_quick].{csv,md}``.
+above the inputs (GPU). Results: ``bench/results/losses_<date>_<device>[_quick].{csv,md,png}`` (PNG: GB/s against C).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import torch
 
+from bench import _common
 from bench._common import (
     add_common_args,
+    allow_recompiles,
     device_slug,
     peak_memory_mb,
     reference_numbers,
@@ -36,6 +39,11 @@ CHANNELS = {"gpu": (1280, 1536, 4096), "cpu": (1280, 1536), "quick": (256,)}
 MAP_SHAPE = {"gpu": (64, 64, 64), "cpu": (4, 32, 32), "quick": (2, 16, 16)}  # (B, H, W)
 SUMMARY_ROWS = {"gpu": 1024, "cpu": 256, "quick": 64}
 COLUMNS = ["op", "shape", "dtype", "provider", "ms", "ms_min", "GBps", "pct_copy", "peak_MB", "speedup_vs_torch"]
+
+
+def input_shape(op: str, size: str, C: int) -> tuple[int, ...]:
+    """Shape of the differentiable input: (B, C) summaries or (B, H, W, C) feature maps."""
+    return (SUMMARY_ROWS[size], C) if op == "angular_loss" else (*MAP_SHAPE[size], C)
 
 
 def make_inputs(op: str, size: str, C: int, dtype: torch.dtype, device: str):
@@ -96,11 +104,39 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup_vs_torch"] = base["ms_min"] / r["ms_min"]
 
 
+# The compile provider pays a torch.compile (seconds each, per op and shape): measured after the
+# Triton and eager rows of every op, so a time budget cuts it rather than the comparison itself.
+SLOW_PROVIDERS = ("compile",)
+POINT_MARGIN_S = 5.0  # do not start a point with less than this left (one point takes ~1 s warm)
+
+
+def _warm(item: tuple) -> None:
+    """Prewarm worker (own process): run each provider's step once for one (op, C) point."""
+    op, size, C, dtype_name, providers, device = item
+    allow_recompiles()
+    for provider in providers:
+        x, others, _ = make_inputs(op, size, C, getattr(torch, dtype_name), device)
+        provider_fn(op, provider)(x, *others).backward()
+    _common.synchronize(device)
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """Achieved GB/s against channels, one line per (op, provider)."""
+    series: dict[str, list] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            C = int(r["shape"].strip("()").split(",")[-1])
+            series.setdefault(f"{r['op']} {r['provider']}", []).append((C, r["GBps"]))
+    return _common.plot_xy(path, series, "channels C", "achieved GB/s (fwd + bwd, min time)", title)
+
+
 def main(argv=None) -> list[dict]:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--providers", nargs="+", choices=["triton", "torch", "compile"])
     parser.add_argument("--ops", nargs="+", default=["shifted_mse", "mesa_loss", "angular_loss"])
+    parser.add_argument("--budget-s", type=float, help="stop starting new points after this many seconds")
     a = parser.parse_args(argv)
+    started = time.time()
     on_gpu = torch.device(a.device).type == "cuda"
     size = "quick" if a.quick else "gpu" if on_gpu else "cpu"
     providers = a.providers or (
@@ -108,6 +144,8 @@ def main(argv=None) -> list[dict]:
     )
     dtype = torch.bfloat16 if on_gpu else torch.float32
     warmup, repeats = (3, 20) if on_gpu else (1, 3)
+    deadline = started + (a.budget_s if a.budget_s is not None else math.inf)
+    allow_recompiles()
 
     refs = reference_numbers(a.device, quick=a.quick)
     stem = result_stem(a.out, "losses", a.device, a.quick)
@@ -115,21 +153,39 @@ def main(argv=None) -> list[dict]:
     notes = [f"device reference, measured in this run: {k} = {v:.4g}" for k, v in refs.items()]
     notes.append("GBps = (inputs read once + gradient written once) / min time; pct_copy = GBps / copy_GBps")
     notes.append("peak_MB = peak device memory above the inputs during one step (GPU only)")
+    points = [(op, C) for op in a.ops for C in CHANNELS[size]]
+    compiled = [p for p in providers if p in ("triton", "compile")]
+    if on_gpu and compiled:
+        items = [(op, size, C, str(dtype).replace("torch.", ""), compiled, a.device) for op, C in points]
+        left = deadline - time.time()
+        notes.append(_common.prewarm(_warm, items, timeout_s=min(60.0, 0.6 * left), max_parallel=9))
+        print(notes[-1], flush=True)
 
-    rows: list[dict] = []
-    for op in a.ops:
-        for C in CHANNELS[size]:
-            for provider in providers:
-                rows.append(bench_point(op, size, C, dtype, a.device, provider, warmup, repeats, refs["copy_GBps"]))
-                for k, v in refs.items():
-                    rows[-1][k] = v
-            add_speedups(rows)
-            # Rewritten after each point so a run stopped at its time budget keeps its results.
-            write_csv(stem + ".csv", rows)
-            text = write_markdown(stem + ".md", title, notes, rows, COLUMNS + ["status"])
+    rows = {(op, C, p): None for op, C in points for p in providers}
+    text = ""
+    for phase in ([p for p in providers if p not in SLOW_PROVIDERS], [p for p in providers if p in SLOW_PROVIDERS]):
+        for op, C in points:
+            for provider in phase:
+                if deadline - time.time() < POINT_MARGIN_S:
+                    row = {"op": op, "shape": "", "dtype": str(dtype).replace("torch.", ""), "provider": provider}
+                    row["shape"] = str(input_shape(op, size, C))
+                    row["status"] = "skipped: time budget"
+                else:
+                    row = bench_point(op, size, C, dtype, a.device, provider, warmup, repeats, refs["copy_GBps"])
+                row.update(refs)
+                rows[op, C, provider] = row
+                done = [r for r in rows.values() if r is not None]
+                add_speedups(done)
+                # Rewritten after each point so a run stopped at its time budget keeps its results.
+                write_csv(stem + ".csv", done)
+                text = write_markdown(stem + ".md", title, notes, done, COLUMNS + ["status"])
+    done = [r for r in rows.values() if r is not None]
+    why_not = plot(done, stem + ".png", title)
+    if why_not:
+        print(why_not)
     print(text)
-    print(f"wrote {stem}.csv, {stem}.md")
-    return rows
+    print(f"wrote {stem}.csv, {stem}.md" + ("" if why_not else f", {stem}.png"))
+    return done
 
 
 def headline(rows: list[dict]) -> str:

@@ -36,6 +36,7 @@ MODES = {"global": None, "window 8": 8, "window 16": 16}
 CPU_RESOLUTIONS = (256, 512, 768, 1024)
 CPU_QUICK_RESOLUTIONS = (256,)
 GPU_RESOLUTIONS = (256, 512, 768, 1024, 1536, 2048)
+SKIPPED: list[int] = []  # resolutions the last run() left out at its deadline
 
 
 def device_slug(device: torch.device) -> str:
@@ -62,9 +63,18 @@ def time_once(model: RadioModel, x: torch.Tensor) -> tuple[float, float]:
 
 
 def run(
-    device: str, preset: str, resolutions, backends, warmup: int, repeats: int, dtype: torch.dtype, on_progress=None
+    device: str,
+    preset: str,
+    resolutions,
+    backends,
+    warmup: int,
+    repeats: int,
+    dtype: torch.dtype,
+    on_progress=None,
+    deadline: float = math.inf,
 ):
     """One result dict per (backend, mode, resolution); ``on_progress(rows)`` after each resolution.
+    Resolutions not started by ``deadline`` (time.time()) are left out and named in ``SKIPPED``.
 
     Passes are interleaved (for each resolution and round: every backend and mode once), so a load
     spike on a shared machine hits all variants alike instead of one whole curve.
@@ -77,7 +87,12 @@ def run(
     variants = [(b, m) for b in backends for m in MODES]
     unavailable: set[str] = set()
     rows = []
+    SKIPPED.clear()
     for k, res in enumerate(resolutions):
+        if time.time() > deadline:
+            SKIPPED.extend(resolutions[k:])
+            print(f"  time budget: {list(SKIPPED)} px not measured", file=sys.stderr)
+            break
         x = torch.rand(1, 3, res, res, device=dev).to(dtype)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
         # One extra untimed round at the first size pays one-off costs (allocator, kernel autotuning).
@@ -178,7 +193,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, help="timed passes per point (default: cuda 5, cpu 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default on cpu: 1)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--budget-s", type=float, help="start no new resolution after this many seconds")
     a = p.parse_args(argv)
+    deadline = time.time() + (a.budget_s if a.budget_s is not None else math.inf)
 
     cuda = a.device.startswith("cuda")
     if a.resolutions:
@@ -210,20 +227,50 @@ def main(argv=None) -> list[dict]:
     what = "latency" if cuda else f"CPU time ({torch.get_num_threads()} thread(s))"
     title = f"RadioModel {a.preset} forward {what}, batch 1, {str(dtype).replace('torch.', '')}, {slug}"
 
+    notes = []
+    if cuda and "triton" in backends:
+        from bench import _common
+
+        items = [(a.preset, window, resolutions[0], "bfloat16", a.device) for window in MODES.values()]
+        notes.append(_common.prewarm(_warm, items, timeout_s=min(30.0, 0.4 * (deadline - time.time()))))
+        print(notes[-1], flush=True)
+
     def write(rows: list[dict]) -> None:
         # Rewritten after every resolution, so a run stopped at its time budget keeps what it measured.
+        if not rows:
+            return
         with open(stem + ".csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        extra = notes + ([f"not measured (time budget): {SKIPPED} px"] if SKIPPED else [])
         with open(stem + ".md", "w") as f:
-            f.write(markdown_table(rows, title, metric))
-        plot(rows, stem + ".png", title, metric)
+            f.write(markdown_table(rows, title, metric) + "".join(f"\n- {n}" for n in extra) + ("\n" if extra else ""))
+        try:
+            plot(rows, stem + ".png", title, metric)
+        except Exception as err:  # noqa: BLE001 - a plot must never cost the CSV and the table
+            print(f"no plot: {type(err).__name__}: {err}", file=sys.stderr)
 
-    rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype, on_progress=write)
+    rows = run(a.device, a.preset, resolutions, backends, warmup, repeats, dtype, on_progress=write, deadline=deadline)
+    write(rows)
+    if not rows:
+        print("no resolution measured within the time budget")
+        return rows
     print(markdown_table(rows, title, metric))
     print(f"wrote {stem}.csv, .md, .png")
     return rows
+
+
+def _warm(item: tuple) -> None:
+    """Prewarm worker (own process): one triton-backend bf16 forward of (preset, window, resolution).
+
+    The attention kernels specialise on head dim, window and the divisibility of N, not on the
+    resolution here (N = (res/16)^2 + prefix has the same residue mod 16 for every multiple of 256),
+    so the smallest resolution compiles what every resolution uses."""
+    preset, window, res, dtype_name, device = item
+    model = RadioModel(RadioConfig.preset(preset, window_size=window)).eval().to(device)
+    model.set_attention_backend("triton")
+    time_once(model, torch.rand(1, 3, res, res, device=device).to(getattr(torch, dtype_name)))
 
 
 def headline(rows: list[dict]) -> str:

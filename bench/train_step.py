@@ -107,10 +107,14 @@ def wide_teacher(kind: str, depth: int, dtype: torch.dtype, device: torch.device
     return teacher.to(device=device, dtype=dtype)
 
 
-def build_slots(cfg: TrainConfig, teachers: str, depth: int, device: torch.device) -> dict[str, TeacherSlot]:
+def build_slots(
+    cfg: TrainConfig, teachers: str, depth: int, device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, TeacherSlot]:
+    """The enabled teachers; wide ones in ``dtype`` (default: bf16 on a GPU, fp32 on a CPU)."""
     if teachers == "tiny":
         return build_teachers(cfg, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return {
         name: TeacherSlot(name, tcfg, wide_teacher(tcfg.kind, depth, dtype, device), cfg).to(device)
         for name, tcfg in cfg.enabled_teachers().items()
@@ -152,8 +156,22 @@ class StepBench:
     _compiled: dict[str, nn.Module] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, preset, resolution, batch_size, device, teachers="tiny", teacher_depth=2, compile_mode="blocks"):
+    def build(
+        cls,
+        preset,
+        resolution,
+        batch_size,
+        device,
+        teachers="tiny",
+        teacher_depth=2,
+        compile_mode="blocks",
+        amp_dtype: torch.dtype | str | None = "auto",
+    ):
+        """``amp_dtype``: the step's autocast dtype (and the wide teachers' dtype); "auto" = bf16 on a
+        GPU, none (fp32) on a CPU. Passing bf16 on a CPU runs the GPU's dtype path there (tests)."""
         device = torch.device(device)
+        if amp_dtype == "auto":
+            amp_dtype = torch.bfloat16 if device.type == "cuda" else None
         cfg = TrainConfig()
         cfg.student.preset = preset
         partition = "high" if resolution >= HIGH_PARTITION_FROM else "low"
@@ -161,7 +179,7 @@ class StepBench:
         cfg.data.low_resolutions, cfg.data.high_resolutions = ([], [resolution]) if high else ([resolution], [])
         cfg.data.high_prob = 1.0 if high else 0.0
         torch.manual_seed(0)
-        slots = build_slots(cfg, teachers, teacher_depth, device)
+        slots = build_slots(cfg, teachers, teacher_depth, device, amp_dtype)
         raw = build_student(cfg, slots).to(device)
         ema = copy.deepcopy(raw).eval().requires_grad_(False)
         plans, geometry = plan_all_views(cfg, slots, raw.patch_size, raw.min_resolution_step)
@@ -173,8 +191,7 @@ class StepBench:
         generators = {"damp": torch.Generator(device).manual_seed(29)}
         batch = synthetic_batch(geometry[key], resolution, partition, raw.patch_size, batch_size, device)
         models = StepModels(raw, raw, ema, slots, linear_weight_names(raw))
-        amp = torch.bfloat16 if device.type == "cuda" else None
-        return cls(cfg, models, optimizer, scheduler, plans[key], batch, device, amp, compile_mode, generators)
+        return cls(cfg, models, optimizer, scheduler, plans[key], batch, device, amp_dtype, compile_mode, generators)
 
     def _student_for(self, provider: str) -> nn.Module:
         """The module the step calls: the raw student, or its compiled form (built on first use)."""
@@ -263,8 +280,8 @@ def measure_point(bench: StepBench, providers, warmup: int, repeats: int, deadli
                 if k == 0:
                     out[p]["first_s"] = seconds
             live.append(p)
-        except (NotImplementedError, ValueError, RuntimeError, FloatingPointError) as err:  # OOM is a RuntimeError
-            out[p]["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        except Exception as err:  # noqa: BLE001 - OOM, a compile error, a kernel refusing a shape: report, go on
+            out[p]["status"] = f"failed: {_reason(err)}"
             print(f"    {p}: {out[p]['status']}", file=sys.stderr)
             bench.optimizer.zero_grad(set_to_none=True)  # no half-finished gradients for the next provider
             if bench.device.type == "cuda":
@@ -277,6 +294,10 @@ def measure_point(bench: StepBench, providers, warmup: int, repeats: int, deadli
             out[p]["times"].append(seconds)
             out[p]["peaks"].append(peak)
     return out
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:120]}"
 
 
 NUMBERS = (
@@ -322,6 +343,7 @@ def run(
     (to write results as they come: a run stopped from outside keeps its finished points)."""
     deadline = time.perf_counter() + budget_s
     dev = torch.device(device)
+    _common.allow_recompiles()  # one compiled block graph per point and dtype: more than dynamo's 8
     rows = []
     for (preset, res), batch_size in points.items():
         base = dict(preset=preset, resolution=res, batch=batch_size, device=reference["device"], teachers=teachers)
@@ -329,14 +351,19 @@ def run(
             rows += [_row(base, p, "skipped: time budget", reference) for p in providers]
             continue
         print(f"  {preset} {res}px batch {batch_size}", file=sys.stderr)
+        bench = results = None
         try:
             bench = StepBench.build(preset, res, batch_size, dev, teachers, teacher_depth, compile_mode)
             results = measure_point(bench, providers, warmup, repeats, deadline)
-            flops = bench.count_flops()
-        except RuntimeError as err:  # e.g. out of memory while building or counting
-            reason = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            rows += [_row(base, p, reason, reference) for p in providers]
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory while building: this point only
+            rows += [_row(base, p, f"failed: {_reason(err)}", reference) for p in providers]
             results = None
+        flops = math.nan
+        if results is not None:
+            try:
+                flops = bench.count_flops()
+            except Exception as err:  # noqa: BLE001 - the timings stand without a FLOP count
+                print(f"    FLOP count failed: {_reason(err)}", file=sys.stderr)
         for p in providers if results is not None else ():
             r, times = results[p], results[p]["times"]
             numbers = {"first_step_s": r["first_s"], "step_tflop": flops / 1e12}
@@ -361,6 +388,28 @@ def run(
         if on_point is not None:
             on_point(rows)
     return rows
+
+
+def _warm(item: tuple) -> None:
+    """Prewarm worker (own process): build one point and run one step of each compiled provider, so
+    that Triton's and inductor's on-disk caches hold its kernels when the timed process gets there."""
+    preset, res, batch_size, teachers, depth, compile_mode, providers, device = item
+    _common.allow_recompiles()
+    bench = StepBench.build(preset, res, batch_size, device, teachers, depth, compile_mode)
+    for provider in providers:
+        try:
+            bench.step(provider)
+        except Exception as err:  # noqa: BLE001 - the timed run reports it properly
+            print(f"prewarm {preset} {res}px {provider}: {_reason(err)}", flush=True)
+    _common.synchronize(device)
+
+
+def prewarm_points(points: dict, providers, teachers, depth, compile_mode, timeout_s: float, device="cuda") -> str:
+    """Compile every point's Triton kernels and compiled blocks in parallel processes (see _warm)."""
+    compiled = [p for p in providers if p in ("triton", "torch+compile")]
+    items = [(pr, r, b, teachers, depth, compile_mode, compiled, device) for (pr, r), b in points.items()]
+    # Four points of at most ~30 GB each (so400m 1024 px batch 4 is the largest) fit on an H100/H200.
+    return _common.prewarm(_warm, items if compiled else [], timeout_s=timeout_s, max_parallel=4)
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -429,6 +478,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, help="untimed steps per provider (default: cuda 2, cpu 1)")
     p.add_argument("--repeats", type=int, help="timed rounds (default: cuda 8, cpu 3)")
     p.add_argument("--budget-s", type=float, help="stop starting new points after this (default: cuda 170, cpu 300)")
+    p.add_argument("--no-prewarm", action="store_true", help="GPU: compile serially in the timed process")
     p.add_argument("--out", default=_common.RESULTS_DIR)
     a = p.parse_args(argv)
 
@@ -459,6 +509,10 @@ def main(argv=None) -> list[dict]:
         p.error("--warmup and --repeats must be >= 1")
 
     dev = torch.device(a.device)
+    started = time.perf_counter()
+    if cuda and not a.no_prewarm:
+        notes.append(prewarm_points(points, providers, teachers, a.teacher_depth, a.compile_mode, min(120, budget / 2)))
+        print(notes[-1], file=sys.stderr, flush=True)
     reference = measure_reference(dev, quick=a.quick)
     dtype = "bf16 autocast" if cuda else "fp32"
     teacher_text = (
@@ -494,7 +548,7 @@ def main(argv=None) -> list[dict]:
         compile_mode=a.compile_mode,
         warmup=warmup,
         repeats=repeats,
-        budget_s=budget,
+        budget_s=budget - (time.perf_counter() - started),
         reference=reference,
         on_point=write,
     )
