@@ -6,9 +6,11 @@
     python -m bench.run_all --device cuda --only train_step
 
 Each benchmark runs in its own process (``python -m bench.<name> --device D --out DIR [--quick]``),
-under a wall-clock budget: a hung or slow benchmark is stopped at its budget and reported, the
-others still run, and GPU memory is returned between benchmarks. On a GPU the budgets add up to
-275 s, which with the kernel tests keeps ``make bench-gpu`` under 8 minutes on an H100/H200.
+under a wall-clock budget (passed to it as ``--budget-s``, less a margin, so it stops starting new
+measurements in time): a hung or slow benchmark is stopped at its budget and reported, the others
+still run, and GPU memory is returned between benchmarks. ``--total-s`` bounds the whole run
+(``bench/gpu.sh`` passes what its 8 minutes leave after the kernel tests); time one benchmark leaves
+unused goes to the later ones.
 Each benchmark writes ``<name>_<date>_<device>[_quick].{csv,md[,png]}`` under ``--out`` with the
 reference (copy bandwidth, bf16 matmul TFLOP/s) it measured in the same run; this script collects
 the files each one wrote, writes ``summary_<date>_<device>[_quick].md`` and prints it.
@@ -28,24 +30,41 @@ import time
 from bench.summary import headline
 
 BENCHMARKS = ("losses", "attention", "model", "train_step")
-# Wall-clock budget per benchmark (seconds). GPU: sums to 275 s (gpu.sh gives run_all 300 s).
+# Wall-clock cap per benchmark (seconds). With --total-s (gpu.sh), time a benchmark leaves unused
+# flows to the later ones, and the last one (train_step, the slowest) gets whatever is left.
 BUDGET_S = {
-    "cuda": {"losses": 40, "attention": 55, "model": 40, "train_step": 140},
+    "cuda": {"losses": 45, "attention": 60, "model": 40, "train_step": 140},
     "cpu": {"losses": 600, "attention": 600, "model": 600, "train_step": 600},  # guards against hangs only
 }
-# train_step stops *starting* new points this long before its budget, so the last one can finish.
-TRAIN_STEP_MARGIN_S = {"cuda": 45, "cpu": 60}
+MIN_BUDGET_S = 20  # below this a benchmark is not started (python + torch import, reference alone)
+SUMMARY_RESERVE_S = 5  # kept back from --total-s for writing the summary
+# Each benchmark stops *starting* new measurements this long before its budget (passed as
+# --budget-s), so the one in flight can finish and its files be written before the hard stop.
+INNER_MARGIN_S = {
+    "cuda": {"losses": 10, "attention": 12, "model": 10, "train_step": 15},
+    "cpu": {"losses": 30, "attention": 30, "model": 30, "train_step": 60},
+}
 QUICK_BUDGET_S = 120
 
 
 def command(name: str, device: str, out: str, quick: bool, budget: float) -> list[str]:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
     cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", out]
     if quick:
         cmd.append("--quick")
-    if name == "train_step":
-        kind = "cuda" if device.startswith("cuda") else "cpu"
-        cmd += ["--budget-s", str(max(budget - TRAIN_STEP_MARGIN_S[kind], 10))]
+    cmd += ["--budget-s", f"{max(budget - INNER_MARGIN_S[kind][name], 10):.0f}"]
     return cmd
+
+
+def budget_for(name: str, names: list[str], device: str, quick: bool, deadline: float | None) -> float:
+    """Seconds for benchmark ``name`` now: its cap, or with a deadline (``--total-s``) the smaller of
+    that and what is left after MIN_BUDGET_S for each later one; the last one gets all that is left."""
+    cap = QUICK_BUDGET_S if quick else BUDGET_S[device][name]
+    if deadline is None:
+        return cap
+    later = names[names.index(name) + 1 :]
+    left = deadline - time.time() - SUMMARY_RESERVE_S - MIN_BUDGET_S * len(later)
+    return left if not later else min(cap, left)
 
 
 def new_files(out: str, name: str, since: float) -> list[str]:
@@ -118,7 +137,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="smoke sizes for every benchmark")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     p.add_argument("--note", action="append", default=[], help="a line for the summary (e.g. kernel test result)")
+    p.add_argument("--total-s", type=float, help="wall-clock seconds for the whole run, summary included")
     a = p.parse_args(argv)
+    deadline = time.time() + a.total_s if a.total_s else None
 
     import torch  # after argument parsing: --help stays fast
 
@@ -136,8 +157,12 @@ def main(argv=None) -> list[dict]:
         "(each benchmark measures it again in its own run and reports fractions of it)."
     )
     records = []
-    for name in a.only or BENCHMARKS:
-        budget = QUICK_BUDGET_S if a.quick else BUDGET_S[a.device][name]
+    names = list(a.only or BENCHMARKS)
+    for name in names:
+        budget = budget_for(name, names, a.device, a.quick, deadline)
+        if budget < MIN_BUDGET_S:
+            records.append(dict(name=name, status="skipped: no time left", seconds=0.0, files=[], headline=""))
+            continue
         records.append(run_one(name, a.device, a.out, a.quick, budget))
     table = summary_table(records, ref["device"], ref_line, a.note)
     stem = _common.result_stem(a.out, "summary", dev, quick=a.quick)
@@ -145,7 +170,7 @@ def main(argv=None) -> list[dict]:
         f.write(table)
     print(f"wrote {stem}.md\n")
     print(table, end="")
-    if any(r["status"] not in ("ok", "absent") for r in records):
+    if any(r["status"] not in ("ok", "absent") for r in records):  # stopped / skipped / failed
         sys.exit(1)
     return records
 

@@ -35,6 +35,10 @@ def _num(value) -> float:
         return math.nan
 
 
+# Issue 7's target for the triton backend's training step on an H100/H200, against backend "torch".
+TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
+
+
 def train_step(rows: list[dict]) -> str:
     """Per point: triton's images/s and peak memory relative to the torch backend (and compile's)."""
     parts = []
@@ -43,12 +47,18 @@ def train_step(rows: list[dict]) -> str:
         here = {r["provider"]: r for r in rows if (r["preset"], r["resolution"]) == (preset, res)}
         bits = []
         for provider, r in here.items():
+            if str(r.get("status", "")).startswith("failed"):
+                bits.append(f"{provider} {r['status'][:60]}")
+                continue
             if provider == "torch" or r.get("status") != "ok":
                 continue
             speed, mem = _num(r.get("speedup_vs_torch")), _num(r.get("mem_vs_torch"))
             text = f"{provider} {speed:.2f}x img/s"
             if mem == mem:
                 text += f", {mem:.2f}x mem"
+            if provider == "triton" and not str(r.get("device", "")).startswith("cpu") and speed == speed:
+                met = speed >= TARGET_SPEEDUP and mem == mem and mem <= TARGET_MEMORY
+                text += f" (target >= {TARGET_SPEEDUP}x, <= {TARGET_MEMORY}x: {'met' if met else 'NOT met'})"
             bits.append(text)
         torch_row = here.get("torch")
         if torch_row is not None and torch_row.get("status") == "ok":

@@ -63,6 +63,9 @@ GPU_POINTS = {("vit-b", 512): 32, ("vit-b", 1024): 8, ("so400m", 512): 16, ("so4
 GPU_QUICK_POINTS = {("vit-b", 512): 4}
 CPU_POINTS = {("tiny", 64): 4, ("tiny", 128): 4}
 CPU_QUICK_POINTS = {("tiny", 64): 2}
+# A point starts only with at least this fraction of the costliest earlier point's time left (the
+# timed rounds shorten themselves at the deadline; building, warm-up and compile cannot).
+POINT_FRACTION_NEEDED = 0.8
 HIGH_PARTITION_FROM = 512  # c-radiov4 puts 512..1152 px in the high partition (tiled / mosaic teachers)
 
 
@@ -338,18 +341,23 @@ def run(
     reference,
     on_point=None,
 ):
-    """One row per (point, provider). Points that do not start before the time budget runs out are
-    reported as skipped rather than silently dropped. ``on_point(rows)`` is called after each point
-    (to write results as they come: a run stopped from outside keeps its finished points)."""
+    """One row per (point, provider). Points that cannot finish in the time budget (less than
+    POINT_FRACTION_NEEDED of the costliest earlier point's time left) are reported as skipped rather
+    than silently dropped; timed rounds stop at the deadline (at least one round each).
+    ``on_point(rows)`` is called after each point (to write results as they come: a run stopped
+    from outside keeps its finished points)."""
     deadline = time.perf_counter() + budget_s
     dev = torch.device(device)
     _common.allow_recompiles()  # one compiled block graph per point and dtype: more than dynamo's 8
     rows = []
+    longest = 0.0  # seconds the costliest point so far took: a point needs about that much again
     for (preset, res), batch_size in points.items():
         base = dict(preset=preset, resolution=res, batch=batch_size, device=reference["device"], teachers=teachers)
-        if time.perf_counter() > deadline:
+        left = deadline - time.perf_counter()
+        if left <= 0 or left < POINT_FRACTION_NEEDED * longest:
             rows += [_row(base, p, "skipped: time budget", reference) for p in providers]
             continue
+        point_started = time.perf_counter()
         print(f"  {preset} {res}px batch {batch_size}", file=sys.stderr)
         bench = results = None
         try:
@@ -384,6 +392,7 @@ def run(
         bench = results = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        longest = max(longest, time.perf_counter() - point_started)
         _add_ratios(rows)
         if on_point is not None:
             on_point(rows)
@@ -477,7 +486,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--compile", dest="compile_mode", choices=["blocks", "model"], default="blocks")
     p.add_argument("--warmup", type=int, help="untimed steps per provider (default: cuda 2, cpu 1)")
     p.add_argument("--repeats", type=int, help="timed rounds (default: cuda 8, cpu 3)")
-    p.add_argument("--budget-s", type=float, help="stop starting new points after this (default: cuda 170, cpu 300)")
+    p.add_argument("--budget-s", type=float, help="seconds for the whole run (default: cuda 170, cpu 300)")
     p.add_argument("--no-prewarm", action="store_true", help="GPU: compile serially in the timed process")
     p.add_argument("--out", default=_common.RESULTS_DIR)
     a = p.parse_args(argv)
