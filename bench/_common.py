@@ -198,22 +198,25 @@ def prewarm(target: Callable, items: list, timeout_s: float, max_parallel: int =
     started = time.time()
     deadline = started + timeout_s
     pending, running, failed, killed = list(items), [], 0, 0
-    while pending or running:
-        while pending and len(running) < max_parallel:
-            proc = ctx.Process(target=target, args=(pending.pop(0),), daemon=True)
-            proc.start()
-            running.append(proc)
-        for proc in list(running):
-            proc.join(timeout=0.2)
-            if proc.exitcode is not None:
-                running.remove(proc)
-                failed += proc.exitcode != 0
-        if time.time() > deadline:
-            for proc in running:
+    try:
+        while pending or running:
+            while pending and len(running) < max_parallel:
+                proc = ctx.Process(target=target, args=(pending.pop(0),), daemon=True)
+                proc.start()
+                running.append(proc)
+            for proc in list(running):
+                proc.join(timeout=0.2)
+                if proc.exitcode is not None:
+                    running.remove(proc)
+                    failed += proc.exitcode != 0
+            if time.time() > deadline:
+                killed = len(running) + len(pending)
+                break
+    finally:  # also on SIGTERM turned SystemExit: no orphan compiling on the GPU
+        for proc in running:
+            if proc.exitcode is None:
                 proc.kill()
                 proc.join()
-            killed = len(running) + len(pending)
-            break
     done = len(items) - failed - killed
     return (
         f"prewarm: {done}/{len(items)} shapes compiled in parallel in {time.time() - started:.0f} s"

@@ -47,11 +47,13 @@ INNER_MARGIN_S = {
 QUICK_BUDGET_S = 120
 
 
-def command(name: str, device: str, out: str, quick: bool, budget: float) -> list[str]:
+def command(name: str, device: str, out: str, quick: bool, budget: float, prewarmed=()) -> list[str]:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", out]
     if quick:
         cmd.append("--quick")
+    if name in prewarmed:
+        cmd.append("--no-prewarm")
     cmd += ["--budget-s", f"{max(budget - INNER_MARGIN_S[kind][name], 10):.0f}"]
     return cmd
 
@@ -93,7 +95,7 @@ def read_csv(path: str) -> list[dict]:
         return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def run_one(name: str, device: str, out: str, quick: bool, budget: float) -> dict:
+def run_one(name: str, device: str, out: str, quick: bool, budget: float, prewarmed=()) -> dict:
     """Run one benchmark; return {name, status, seconds, files, headline}."""
     record = {"name": name, "files": [], "headline": ""}
     if importlib.util.find_spec(f"bench.{name}") is None:
@@ -102,7 +104,7 @@ def run_one(name: str, device: str, out: str, quick: bool, budget: float) -> dic
     started = time.time()
     # Own process group: at the budget, the benchmark and any workers it started (torch.compile's
     # compiler pool) are stopped together.
-    proc = subprocess.Popen(command(name, device, out, quick, budget), start_new_session=True)
+    proc = subprocess.Popen(command(name, device, out, quick, budget, prewarmed), start_new_session=True)
     try:
         code = proc.wait(timeout=budget)
         status = "ok" if code == 0 else f"failed (exit {code})"
@@ -138,6 +140,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     p.add_argument("--note", action="append", default=[], help="a line for the summary (e.g. kernel test result)")
     p.add_argument("--total-s", type=float, help="wall-clock seconds for the whole run, summary included")
+    p.add_argument("--prewarmed", nargs="*", default=[], help="benchmarks whose compile caches are warm already")
     a = p.parse_args(argv)
     deadline = time.time() + a.total_s if a.total_s else None
 
@@ -151,6 +154,8 @@ def main(argv=None) -> list[dict]:
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device(a.device)
     ref = measure_reference(dev, quick=a.quick)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the benchmarks run in their own processes: hold no memory for them
     ref_line = (
         f"Reference measured at the start of this run on {ref['device']}: {ref['matmul_dtype']} matmul "
         f"{ref['matmul_tflops']:.3g} TFLOP/s, device copy {ref['copy_gbps']:.4g} GB/s "
@@ -163,7 +168,7 @@ def main(argv=None) -> list[dict]:
         if budget < MIN_BUDGET_S:
             records.append(dict(name=name, status="skipped: no time left", seconds=0.0, files=[], headline=""))
             continue
-        records.append(run_one(name, a.device, a.out, a.quick, budget))
+        records.append(run_one(name, a.device, a.out, a.quick, budget, a.prewarmed))
     table = summary_table(records, ref["device"], ref_line, a.note)
     stem = _common.result_stem(a.out, "summary", dev, quick=a.quick)
     with open(stem + ".md", "w") as f:

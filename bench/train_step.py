@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import signal
 import statistics
 import sys
 import time
@@ -413,12 +414,14 @@ def _warm(item: tuple) -> None:
     _common.synchronize(device)
 
 
-def prewarm_points(points: dict, providers, teachers, depth, compile_mode, timeout_s: float, device="cuda") -> str:
+def prewarm_points(
+    points: dict, providers, teachers, depth, compile_mode, timeout_s: float, device="cuda", max_parallel: int = 4
+) -> str:
     """Compile every point's Triton kernels and compiled blocks in parallel processes (see _warm)."""
     compiled = [p for p in providers if p in ("triton", "torch+compile")]
     items = [(pr, r, b, teachers, depth, compile_mode, compiled, device) for (pr, r), b in points.items()]
     # Four points of at most ~30 GB each (so400m 1024 px batch 4 is the largest) fit on an H100/H200.
-    return _common.prewarm(_warm, items if compiled else [], timeout_s=timeout_s, max_parallel=4)
+    return _common.prewarm(_warm, items if compiled else [], timeout_s=timeout_s, max_parallel=max_parallel)
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -487,7 +490,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, help="untimed steps per provider (default: cuda 2, cpu 1)")
     p.add_argument("--repeats", type=int, help="timed rounds (default: cuda 8, cpu 3)")
     p.add_argument("--budget-s", type=float, help="seconds for the whole run (default: cuda 170, cpu 300)")
-    p.add_argument("--no-prewarm", action="store_true", help="GPU: compile serially in the timed process")
+    p.add_argument("--no-prewarm", action="store_true", help="GPU: no parallel compile before the timed run")
+    p.add_argument(
+        "--prewarm-only",
+        action="store_true",
+        help="only compile every point (2 at a time) within --budget-s, then exit",
+    )
     p.add_argument("--out", default=_common.RESULTS_DIR)
     a = p.parse_args(argv)
 
@@ -519,9 +527,16 @@ def main(argv=None) -> list[dict]:
 
     dev = torch.device(a.device)
     started = time.perf_counter()
+    if a.prewarm_only:  # gpu.sh runs this in the background while the kernel tests run
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: kill the workers, then exit
+        report = prewarm_points(points, providers, teachers, a.teacher_depth, a.compile_mode, budget, a.device, 2)
+        print(report, flush=True)
+        sys.exit(0 if report.startswith(f"prewarm: {len(points)}/{len(points)} ") else 1)
     if cuda and not a.no_prewarm:
         notes.append(prewarm_points(points, providers, teachers, a.teacher_depth, a.compile_mode, min(120, budget / 2)))
         print(notes[-1], file=sys.stderr, flush=True)
+    elif cuda:
+        notes.append("compile caches warmed beforehand (gpu.sh): '1st step s' is not a cold-compile time")
     reference = measure_reference(dev, quick=a.quick)
     dtype = "bf16 autocast" if cuda else "fp32"
     teacher_text = (

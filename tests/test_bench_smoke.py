@@ -254,6 +254,9 @@ if [ "$1" = "-c" ] && [[ "$2" == *get_device_name* ]]; then
 elif [ "$1" = "-m" ] && [ "$2" = "bench.run_all" ]; then
     shift 2; args=(); for a in "$@"; do [ "$a" = cuda ] && a=cpu; args+=("$a"); done
     exec "$real" -m bench.run_all "${{args[@]}}" --quick --only losses
+elif [ "$1" = "-m" ] && [ "$2" = "bench.train_step" ]; then
+    shift 2; args=(); for a in "$@"; do [ "$a" = cuda ] && a=cpu; args+=("$a"); done
+    exec "$real" -m bench.train_step "${{args[@]}}" --quick --providers torch torch+compile
 elif [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then
     shift 2; TRITON_INTERPRET=1 exec "$real" -m pytest "$@" -k "test_shifted_mse_matches_reference"
 fi
@@ -276,10 +279,12 @@ def test_gpu_sh_packs_results_for_the_device_tool(tmp_path):
     last = proc.stdout.strip().splitlines()
     assert last[-1].startswith("| losses | ok |"), last[-5:]
     assert any(line.startswith("- kernel tests on the GPU: ") and " passed" in line for line in last[-12:]), last[-12:]
+    assert "background prewarm: 1/1 shapes compiled" in proc.stdout, proc.stdout[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 3 and names[0].startswith("bench_results_") and names[0].endswith("_fake-gpu.tar.gz"), names
     assert names[1].startswith("gpu_sh_") and names[2].startswith("summary_"), names
     with tarfile.open(out / names[0]) as tar:
         packed = tar.getnames()
     assert any("kernel_tests_" in n for n in packed) and any(n.endswith(".csv") for n in packed), packed
+    assert any("prewarm_train_step_" in n for n in packed), packed
     assert (out / names[1]).read_text().rstrip().endswith(last[-1])
