@@ -129,31 +129,8 @@ def _flex_fn(shape: dict, device):
 
 
 def sdpa_windowed(q, k, v, num_prefix: int, window_tokens: int) -> torch.Tensor:
-    """reference.attention's rule on 4-D SDPA calls only: windows folded into the head axis.
-
-    SDPA's fused backends (flash, efficient, cuDNN) take 4-D inputs only; reference.attention hands
-    them 5-D (B, H, windows, T, D) windows, which only the math backend accepts. Folding the windows
-    into the head axis, (B, H * windows, P + T, D), lets every backend run the same rule.
-    """
-    import torch.nn.functional as F
-
-    P, T = num_prefix, window_tokens
-    if T == 0:
-        return F.scaled_dot_product_attention(q, k, v)
-    B, H, N, D = q.shape
-    nw = (N - P) // T
-
-    def windows(t: torch.Tensor, with_prefix: bool) -> torch.Tensor:
-        w = t[:, :, P:].reshape(B, H, nw, T, D)
-        if with_prefix and P:
-            w = torch.cat([t[:, :, None, :P].expand(B, H, nw, P, D), w], dim=3)
-        return w.reshape(B, H * nw, w.shape[3], D)
-
-    out = F.scaled_dot_product_attention(windows(q, False), windows(k, True), windows(v, True))
-    out = out.reshape(B, H, N - P, D)
-    if P:
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :P], k, v), out], dim=2)
-    return out
+    """SDPA baseline: the window / prefix rule on 4-D SDPA calls (radio_kernels.reference.sdpa_attention)."""
+    return reference.sdpa_attention(q, k, v, num_prefix, window_tokens)
 
 
 def attention_fn(provider: str, shape: dict, device):

@@ -165,6 +165,33 @@ def attention_dense(
     return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v.to(dtype)).to(q.dtype)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, window_tokens: int, scale=None):
+    """The attention rule on ``F.scaled_dot_product_attention`` alone (4-D calls, no N x N mask).
+
+    Global: one SDPA call. Windowed: the patch tokens are viewed as (B, H*nw, T, D) windows (folded
+    into the head axis: SDPA's fused backends take 4-D inputs only); each window's queries see the
+    prefix keys (copied into every window) plus its own T keys; prefix queries see every key.
+    Returns SDPA's (B, H, N, D) layout (the SDPA baseline of bench/attention.py).
+    """
+    if window_tokens == 0:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    B, H, N, D = q.shape
+    P, T = num_prefix, window_tokens
+    nw = (N - P) // T
+
+    def windows(t: torch.Tensor, with_prefix: bool) -> torch.Tensor:
+        w = t[:, :, P:].reshape(B, H, nw, T, D)
+        if with_prefix and P:
+            w = torch.cat([t[:, :, None, :P].expand(B, H, nw, P, D), w], dim=3)
+        return w.reshape(B, H * nw, w.shape[3], D)
+
+    out = F.scaled_dot_product_attention(windows(q, False), windows(k, True), windows(v, True), scale=scale)
+    out = out.reshape(B, H, N - P, D)
+    if P:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :P], k, v, scale=scale), out], dim=2)
+    return out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,33 +200,9 @@ def attention(
     window_tokens: int = 0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Memory-efficient reference on ``F.scaled_dot_product_attention``; no N x N mask.
-
-    Global: one SDPA call. Windowed: the patch tokens are viewed as (B*H*nw, T, D) windows; each
-    window's queries see the prefix keys (copied into every window) plus its own T keys; prefix
-    queries see every key. Returns (B, H, N, D) stored as (B, N, H, D).
-    """
-    B, H, N, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    if window_tokens == 0:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        P, T = num_prefix, window_tokens
-        nw = (N - P) // T
-
-        def windows(t: torch.Tensor) -> torch.Tensor:
-            return t[:, :, P:].reshape(B, H, nw, T, D)
-
-        kw, vw = windows(k), windows(v)
-        if P:
-            kw = torch.cat([k[:, :, None, :P].expand(B, H, nw, P, D), kw], dim=3)
-            vw = torch.cat([v[:, :, None, :P].expand(B, H, nw, P, D), vw], dim=3)
-        patch_out = F.scaled_dot_product_attention(windows(q), kw, vw, scale=scale).reshape(B, H, N - P, D)
-        if P:
-            prefix_out = F.scaled_dot_product_attention(q[:, :, :P], k, v, scale=scale)
-            out = torch.cat([prefix_out, patch_out], dim=2)
-        else:
-            out = patch_out
+    """Memory-efficient reference (``sdpa_attention``), returned as (B, H, N, D) stored as (B, N, H, D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = sdpa_attention(q, k, v, num_prefix, window_tokens, scale)
     # Store as (B, N, H, D) so that out.transpose(1, 2).reshape(B, N, H * D) is free.
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -225,6 +228,7 @@ __all__ = [
     "mean_direction",
     "mesa_loss",
     "overlap_bounds",
+    "sdpa_attention",
     "shifted_mse",
     "unit_rows",
 ]
