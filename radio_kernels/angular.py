@@ -34,7 +34,7 @@ from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import device_guard, resolve_backend
 from ._checks import check_same_device, check_tensor
-from .shifted_mse import StoredGradientLoss, grad_dtype, new_grad_buffer
+from .shifted_mse import StoredGradientLoss, grad_dtype, load_chunk_f32, new_grad_buffer
 
 TILE = 2048
 NUM_WARPS = 4
@@ -53,6 +53,12 @@ def block_sizes(C: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
+@triton.jit
+def _reciprocal_or_zero(v, ok):
+    """1 / v where ``ok``, else 0 (the division never sees the excluded lanes)."""
+    return tl.where(ok, 1.0 / tl.where(ok, v, 1.0), 0.0)
+
+
 @triton.jit
 def atan2_nonneg(y, x):
     """atan2(y, x) for y, x >= 0 (not both 0), to ~2 float32 ulp, with core tl math only.
@@ -96,12 +102,12 @@ def _angular_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
         mask = row_ok[:, None] & (cols < C)
-        x = tl.load(x_ptr + x_off + cols.to(tl.int64) * x_sc, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_off + cols.to(tl.int64) * y_sc, mask=mask, other=0.0).to(tl.float32)
+        x = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask)
+        y = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask)
         new_max_x = tl.maximum(max_x, tl.max(tl.abs(x), axis=1))
         new_max_y = tl.maximum(max_y, tl.max(tl.abs(y), axis=1))
-        inv_x = tl.where(new_max_x > 0, 1.0 / tl.where(new_max_x > 0, new_max_x, 1.0), 0.0)
-        inv_y = tl.where(new_max_y > 0, 1.0 / tl.where(new_max_y > 0, new_max_y, 1.0), 0.0)
+        inv_x = _reciprocal_or_zero(new_max_x, new_max_x > 0)
+        inv_y = _reciprocal_or_zero(new_max_y, new_max_y > 0)
         ux = x * inv_x[:, None]
         uy = y * inv_y[:, None]
         ssq_x = ssq_x * (max_x * inv_x) * (max_x * inv_x) + tl.sum(ux * ux, axis=1)
@@ -111,8 +117,8 @@ def _angular_fwd_kernel(
     # x^ = x * inv_max * rnorm with rnorm = 1 / ||x / max|x|||, never forming 1 / ||x|| itself.
     x_nonzero = max_x >= FLT_MIN
     y_nonzero = max_y >= FLT_MIN
-    inv_max_x = tl.where(x_nonzero, 1.0 / tl.where(x_nonzero, max_x, 1.0), 0.0)
-    inv_max_y = tl.where(y_nonzero, 1.0 / tl.where(y_nonzero, max_y, 1.0), 0.0)
+    inv_max_x = _reciprocal_or_zero(max_x, x_nonzero)
+    inv_max_y = _reciprocal_or_zero(max_y, y_nonzero)
     scale_x = (inv_max_x * tl.where(x_nonzero, 1.0 / tl.sqrt(tl.where(x_nonzero, ssq_x, 1.0)), 0.0))[:, None]
     scale_y = (inv_max_y * tl.where(y_nonzero, 1.0 / tl.sqrt(tl.where(y_nonzero, ssq_y, 1.0)), 0.0))[:, None]
 
@@ -124,8 +130,8 @@ def _angular_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
         mask = row_ok[:, None] & (cols < C)
-        x_hat = tl.load(x_ptr + x_off + cols.to(tl.int64) * x_sc, mask=mask, other=0.0).to(tl.float32) * scale_x
-        y_hat = tl.load(y_ptr + y_off + cols.to(tl.int64) * y_sc, mask=mask, other=0.0).to(tl.float32) * scale_y
+        x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
+        y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
         e = x_hat - y_hat
         f = x_hat + y_hat
         sum_ee += tl.sum(e * e, axis=1)
@@ -152,8 +158,8 @@ def _angular_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
         mask = row_ok[:, None] & (cols < C)
-        x_hat = tl.load(x_ptr + x_off + cols.to(tl.int64) * x_sc, mask=mask, other=0.0).to(tl.float32) * scale_x
-        y_hat = tl.load(y_ptr + y_off + cols.to(tl.int64) * y_sc, mask=mask, other=0.0).to(tl.float32) * scale_y
+        x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
+        y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
         e = x_hat - y_hat
         f = x_hat + y_hat
         grad = (k_m * (e - x_hat * sum_xe) - k_p * (f - x_hat * sum_xf)) * scale_x

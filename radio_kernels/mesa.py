@@ -28,7 +28,15 @@ from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import device_guard, resolve_backend
 from ._checks import check_feature_pair, check_same_device, check_shift
-from .shifted_mse import StoredGradientLoss, check_row_count, grad_dtype, new_grad_buffer, overlap_cells, shifted_cells
+from .shifted_mse import (
+    StoredGradientLoss,
+    check_row_count,
+    grad_dtype,
+    load_chunk_f32,
+    new_grad_buffer,
+    overlap_cells,
+    shifted_cells,
+)
 
 # Elements per program tile (BLOCK_R cells x BLOCK_C channels); chunks up to 2048 channels so
 # that a realistic C (1280, 1536) is one chunk and the re-reads of sweeps 2-3 are from L1.
@@ -72,8 +80,8 @@ def _mesa_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = (cols < C)[None, :]
         cols64 = cols.to(tl.int64)[None, :]
-        s = tl.load(s_ptr + s_off + cols64 * s_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_off + cols64 * t_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
+        s = load_chunk_f32(s_ptr, s_off, cols64, s_sc, valid2 & c_ok)
+        t = load_chunk_f32(t_ptr, t_off, cols64, t_sc, valid2 & c_ok)
         n_a = c0 * 1.0  # channels merged so far (as float)
         n_b = tl.minimum(C - c0, BLOCK_C) * 1.0  # channels in this chunk
         frac = n_b / (n_a + n_b)
@@ -100,8 +108,8 @@ def _mesa_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = (cols < C)[None, :]
         cols64 = cols.to(tl.int64)[None, :]
-        s = tl.load(s_ptr + s_off + cols64 * s_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_off + cols64 * t_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
+        s = load_chunk_f32(s_ptr, s_off, cols64, s_sc, valid2 & c_ok)
+        t = load_chunk_f32(t_ptr, t_off, cols64, t_sc, valid2 & c_ok)
         s_hat = (s - mean_s) * rstd_s
         d = tl.where(valid2 & c_ok, s_hat - (t - mean_t) * rstd_t, 0.0)
         sum_dd += tl.sum(d * d, axis=1)
@@ -116,8 +124,8 @@ def _mesa_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = (cols < C)[None, :]
         cols64 = cols.to(tl.int64)[None, :]
-        s = tl.load(s_ptr + s_off + cols64 * s_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_off + cols64 * t_sc, mask=valid2 & c_ok, other=0.0).to(tl.float32)
+        s = load_chunk_f32(s_ptr, s_off, cols64, s_sc, valid2 & c_ok)
+        t = load_chunk_f32(t_ptr, t_off, cols64, t_sc, valid2 & c_ok)
         s_hat = (s - mean_s) * rstd_s
         d = s_hat - (t - mean_t) * rstd_t
         grad = tl.where(valid2 & c_ok, 2.0 * rstd_s * (d - mean_d - s_hat * mean_ds), 0.0)

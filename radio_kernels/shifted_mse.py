@@ -44,6 +44,13 @@ def block_sizes(C: int) -> tuple[int, int]:
 # kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def load_chunk_f32(ptr, row_off, cols64, col_stride, mask):
+    """A (rows, channels) chunk of a strided feature map as float32 (masked lanes read 0): loads are
+    cast before any arithmetic (also what lets the interpreter handle bf16)."""
+    return tl.load(ptr + row_off + cols64 * col_stride, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def shifted_cells(rows, n_rows, Hs, Ws, Ht, Wt, shift_ptr, shift_sb, shift_sk, s_sb, s_sh, s_sw, t_sb, t_sh, t_sw):
     """For flat student cells ``rows`` (b * Hs * Ws + i * Ws + j): int64 row offsets into the
     student and target maps and whether the cell lies in Omega_b (shifted cell inside target)."""
@@ -90,8 +97,8 @@ def _shifted_mse_fwd_kernel(
         cols64 = cols.to(tl.int64)
         load_mask = valid[:, None] & c_ok[None, :]
         # Cast before arithmetic: low-precision loads are only storage formats here.
-        s = tl.load(s_ptr + s_off[:, None] + cols64[None, :] * s_sc, mask=load_mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_off[:, None] + cols64[None, :] * t_sc, mask=load_mask, other=0.0).to(tl.float32)
+        s = load_chunk_f32(s_ptr, s_off[:, None], cols64[None, :], s_sc, load_mask)
+        t = load_chunk_f32(t_ptr, t_off[:, None], cols64[None, :], t_sc, load_mask)
         d = s - t  # 0 off Omega (both loads masked)
         acc += tl.sum(d * d, axis=1)
         grad = (2.0 * d).to(grad_ptr.dtype.element_ty)
