@@ -247,16 +247,28 @@ class DispersionMeter(torch.nn.Module):
     teacher is frozen, so mu settles quickly). Sums are all-reduced across processes when
     torch.distributed is initialised, so every rank holds the same value. Reading ``value``
     never syncs with the host.
+
+    Early estimates are biased low: a mean direction fitted to a few samples lies close to each
+    of them (to a single sample, exactly: Theta = 0, and the loss Theta^2 / Disp would explode).
+    So the first ``warmup_samples`` summaries only build mu; angles are accumulated from the first
+    batch that arrives after them, and until then ``value`` is ``initial``. ``floor`` bounds the
+    estimate of a teacher whose summaries hardly spread (a randomly initialised one, or constant
+    images) below: Theta^2 <= pi^2, so the loss stays <= pi^2 / floor.
     """
 
-    def __init__(self, dim: int, initial: float = 1.0):
+    def __init__(self, dim: int, initial: float = 1.0, warmup_samples: int = 32, floor: float = 1e-4):
         super().__init__()
         if not initial > 0:
             raise ValueError(f"initial must be > 0, got {initial}")
-        self.dim, self.initial = dim, float(initial)
+        if not floor > 0:
+            raise ValueError(f"floor must be > 0, got {floor}")
+        if isinstance(warmup_samples, bool) or not isinstance(warmup_samples, int) or warmup_samples < 1:
+            raise ValueError(f"warmup_samples must be an int >= 1, got {warmup_samples!r}")
+        self.dim, self.initial, self.warmup_samples, self.floor = dim, float(initial), warmup_samples, float(floor)
         self.register_buffer("sum_y", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))  # samples in sum_y
         self.register_buffer("sum_theta2", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("theta_count", torch.zeros((), dtype=torch.float64))  # samples in sum_theta2
 
     @torch.no_grad()
     def update(self, y: torch.Tensor) -> torch.Tensor:
@@ -269,20 +281,29 @@ class DispersionMeter(torch.nn.Module):
         sums = torch.cat([y.sum(0), y.new_tensor([y.shape[0]])])
         if distributed:
             dist.all_reduce(sums)
+        # Whether mu rested on warmup_samples before this batch (a 0-dim tensor: no host sync).
+        measured = (self.count >= self.warmup_samples).to(torch.float64)
         self.sum_y += sums[:-1]
         self.count += sums[-1]
         mu = reference.mean_direction(self.sum_y[None])
         theta2 = reference.angle(y, mu.expand_as(y)).square().sum()
         if distributed:
             dist.all_reduce(theta2)
-        self.sum_theta2 += theta2
+        self.sum_theta2 += measured * theta2
+        self.theta_count += measured * sums[-1]
         return self.value
 
     @property
     def value(self) -> torch.Tensor:
-        """Current estimate (0-dim float32); ``initial`` until the first update."""
-        est = self.sum_theta2 / self.count.clamp(min=1)
-        return torch.where(self.count > 0, est.clamp(min=1e-8), self.initial).float()
+        """Current estimate (0-dim float32); ``initial`` until angles have been measured."""
+        est = self.sum_theta2 / self.theta_count.clamp(min=1)
+        return torch.where(self.theta_count > 0, est.clamp(min=self.floor), self.initial).float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before ``theta_count`` existed measured angles from the first sample.
+        if prefix + "theta_count" not in state_dict and prefix + "count" in state_dict:
+            state_dict[prefix + "theta_count"] = state_dict[prefix + "count"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------

@@ -283,6 +283,24 @@ def test_backbone_summary_uses_the_cls_tokens_with_a_summary_loss(tmp_path):
     assert student.adaptor_specs[0].summary_dim is None
 
 
+def test_single_sample_batches_keep_the_summary_loss_bounded(tmp_path):
+    """With one sample per step, the first summaries used to be measured against their own mean
+    direction: Disp = 0 and a summary loss of ~1e8. The meter's warm-up keeps Disp = 1 meanwhile."""
+    from radio.train.teaching import build_teachers
+
+    cfg = tiny_cfg(tmp_path / "run", steps=3, batch_size=1)
+    cfg.fidelity.enabled = False
+    cfg.loss.dispersion_warmup_samples = 2
+    slots = build_teachers(cfg, torch.device("cpu"))
+    assert {s.dispersion.warmup_samples for s in slots.values() if s.dispersion is not None} == {2}
+    train(cfg, progress=False, log=lambda *a: None)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    summaries = [[r[k] for k in r if k.endswith("/summary")] for r in records]
+    assert len(summaries) == 3
+    assert all(0 <= v <= torch.pi**2 for v in summaries[0] + summaries[1])  # steps 1-2: Disp = 1
+    assert all(v < 1e3 for v in summaries[2])
+
+
 def test_resume_records_a_new_step_count(tmp_path):
     """`--resume DIR --steps N` writes N to the run's config.toml, so a later resume keeps the schedule."""
     from radio.train import load_run_config

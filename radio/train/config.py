@@ -120,6 +120,9 @@ class LossConfig:
     # scales that down to its 400 steps.
     phis_refresh_every: int = 20
     phis_freeze_after: int = 100
+    # Summary dispersion: the first samples only fit the mean direction (a fit to few samples lies
+    # close to each of them and underestimates Disp); until then Disp = 1.
+    dispersion_warmup_samples: int = 32
     backend: str = "auto"  # radio_kernels backend for every loss
 
 
@@ -218,7 +221,7 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
         if not 0 <= self.loss.ema_decay < 1:
             raise ValueError(f"loss.ema_decay must be in [0, 1), got {self.loss.ema_decay}")
-        _check_positive(self.loss, "loss", ("phis_refresh_every", "phis_freeze_after"))
+        _check_positive(self.loss, "loss", ("phis_refresh_every", "phis_freeze_after", "dispersion_warmup_samples"))
         _check_choice("damp.schedule", self.damp.schedule, ("cosine", "linear", "constant"))
         if self.damp.sigma < 0:
             raise ValueError(f"damp.sigma must be >= 0, got {self.damp.sigma}")

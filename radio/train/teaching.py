@@ -34,7 +34,11 @@ class TeacherSlot(nn.Module):
             teacher.feature_dim, refresh_every=loss.loss.phis_refresh_every, freeze_after=loss.loss.phis_freeze_after
         )
         self.has_summary = teacher.summary_dim is not None and cfg.summary_weight > 0
-        self.dispersion = DispersionMeter(teacher.summary_dim) if self.has_summary else None
+        self.dispersion = (
+            DispersionMeter(teacher.summary_dim, warmup_samples=loss.loss.dispersion_warmup_samples)
+            if self.has_summary
+            else None
+        )
 
     def state(self) -> dict:
         return {
