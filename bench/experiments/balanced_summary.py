@@ -50,17 +50,17 @@ had every arm far from it and the balanced arm ahead for *both* teachers (a spee
 at 900 steps all arms agreed within 0.05. A 4-wide trunk still trained each teacher about as well
 jointly as alone, so narrowing further does not create competition either.
 
-What it shows (``make experiments``, 5 seeds, bench/results/experiments/summary.md): on fresh crops
-of the training images, balanced vs cosine moves the errors the way the paper says, narrow teacher
-0.295 -> 0.251, wide 0.176 -> 0.220, max/min 1.76 -> 1.38 (more even in 5/5 seeds); the equal-weight
-Theta^2 arm matches cosine (1.86), so it is the 1/Disp weighting, not the angle's shape. But the
-cosine run's unevenness is the teachers' own: trained alone they reach 0.304 and 0.170 (max/min 1.79),
-and the joint/alone penalties under cosine are 1.01 and 1.04. No teacher dominates at this scale, so
-the balanced loss does not repair a domination; it trades (penalties 0.86 and 1.36). On held-out
-images it is more even in 5/5 seeds, but by making the wide teacher worse (0.070 -> 0.158, one seed
-0.48) while the narrow one does not improve on average (0.202 -> 0.247, lower in 2/5 seeds).
+What it shows (``make experiments``, 5 seeds, bench/results/experiments/summary.md, 2026-11-29): on fresh
+crops of the training images, balanced vs cosine moves the errors the way the paper says, narrow teacher
+0.298 -> 0.258 (lower in 5/5 seeds), wide 0.171 -> 0.213, max/min 1.81 -> 1.39 (more even in 5/5); the
+equal-weight Theta^2 arm matches cosine (1.84), so it is the 1/Disp weighting, not the angle's shape.
+Cosine is only mildly tilted: trained alone the teachers reach 0.273 and 0.167 (max/min 1.66), and the
+joint/alone penalties under cosine are 1.14 (narrow) and 1.03 (wide). The balanced loss removes the
+narrow teacher's penalty (0.97) at a larger cost to the wide one (1.31): it trades more than it repairs.
+On held-out images it is more even in 4/5 seeds, mostly by making the wide teacher worse (0.065 ->
+0.113) while the narrow one does not improve on average (0.204 -> 0.229, lower in 3/5 seeds).
 
-Everything runs on one CPU thread in about 140 s (``Budget``); ``Budget.smoke()`` in seconds.
+Everything runs on one CPU thread in about 150 s (``Budget``); ``Budget.smoke()`` in seconds.
 """
 
 from __future__ import annotations
