@@ -1,15 +1,23 @@
 """Tile shapes of the attention kernels, per GPU architecture, launch, head-dim block and dtype width.
 
-Two GPU tables ship: ``HOPPER_TABLE`` (compute capability >= 9: H100 / H200) and ``AMPERE_TABLE``
-(everything older, audited for sm_80: A100). ``active_table()`` picks one by the compute capability
-of the current CUDA device, which is also the target Triton compiles for. Under the Triton
-interpreter one small table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with
-N ~ 100 cross many block and window boundaries.
+Three GPU tables ship, picked by ``table_for_capability`` from the compute capability of the current
+CUDA device (the target Triton compiles for):
+
+    HOPPER_TABLE     sm_90 (H100 / H200), audited for sm_90; also given to the data-centre
+                     Blackwells (sm_100 / sm_103: 227 KB of shared memory per block too), unaudited
+    AMPERE_TABLE     sm_80 (A100) and sm_87 (Jetson Orin) (163 KB; audited for sm_80)
+    CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 (RTX 50xx): 99 KB of
+                     shared memory per block; audited for sm_86 and sm_120
+
+GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
+says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
+table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with N ~ 100 cross many block and
+window boundaries.
 
 Every GPU entry is compiled by the static audit (``python -m radio_kernels.audit``) for the
 architecture it ships to (``AUDIT_CONFIGS`` below): no register spills, shared memory within the
-per-block limit (227 KB on sm_90, 163 KB on sm_80), and HGMMA (wgmma) in the sm_90 SASS of the
-16-bit fwd / dq / dkdv tiles of 64+ rows.
+per-block limit (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_120), and HGMMA (wgmma)
+in the sm_90 SASS of the 16-bit fwd / dq / dkdv tiles of 64+ rows.
 
 Launches (``rows`` = what a program owns, ``cols`` = what its inner loop walks):
 
@@ -45,7 +53,7 @@ class Tile:
 LAUNCHES = ("fwd", "fwd_prefix", "dq", "dq_prefix", "dkdv", "dkdv_prefix", "delta")
 BLOCK_DS = (16, 32, 64, 128)
 NARROW_WINDOW = 128  # windows shorter than this use the narrow variant of fwd / dq / dkdv
-HOPPER, AMPERE = 90, 80  # the architectures the audit compiles each table for
+HOPPER, AMPERE, CONSUMER, CONSUMER_BLACKWELL = 90, 80, 86, 120  # the architectures the audit compiles for
 
 TileKey = tuple[str, int, int, bool]  # (launch, BLOCK_D, bytes per element, narrow)
 
@@ -114,6 +122,40 @@ def _ampere_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     return t
 
 
+def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
+    """(launch, narrow) -> Tile on sm_86 / sm_89 / sm_120: the Ampere tiles, cut where the audit needs it.
+
+    These GPUs have the A100's mma.sync and register file but 99 KB of shared memory per block, not
+    163 KB; and sm_120's ptxas spills a few tiles that sm_80's keeps in registers. Each override is
+    the largest tile (rows, then columns, then stages) that compiles spill-free within 99 KB on both
+    sm_86 and sm_120 for every head dim of the block. fp32 with D > 64 shrinks most: its forward and
+    dQ tiles kept a 128 x 128 fp32 Q (or dO) block and three stages of K / V (104-128 KB).
+    """
+    t = _ampere_tiles(bd, es)
+    overrides = {
+        (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
+        (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
+        (2, 128): {("fwd", True): Tile(64, 32, 4, 3), ("dq", False): Tile(128, 32, 8, 2)},
+        (4, 32): {("fwd", True): Tile(64, 32, 4, 3)},
+        (4, 64): {
+            ("dq", True): Tile(64, 32, 8, 3),
+            ("dkdv", False): Tile(32, 32, 4, 3),
+            ("dkdv", True): Tile(32, 32, 4, 3),
+        },
+        (4, 128): {
+            ("fwd", False): Tile(32, 32, 4, 2),
+            ("fwd", True): Tile(64, 32, 8, 2),
+            ("dq", False): Tile(64, 16, 4, 3),
+            ("dq", True): Tile(64, 16, 4, 3),
+            ("dq_prefix", False): Tile(16, 32, 4, 2),
+            ("dkdv", False): Tile(32, 16, 4, 3),
+            ("dkdv", True): Tile(32, 16, 4, 3),
+        },
+    }
+    t.update(overrides.get((es, bd), {}))
+    return t
+
+
 def _table(tiles) -> dict[TileKey, Tile]:
     return {
         (launch, bd, es, narrow): tile
@@ -125,7 +167,10 @@ def _table(tiles) -> dict[TileKey, Tile]:
 
 HOPPER_TABLE = _table(_hopper_tiles)
 AMPERE_TABLE = _table(_ampere_tiles)
-GPU_TABLES = {HOPPER: HOPPER_TABLE, AMPERE: AMPERE_TABLE}
+CONSUMER_TABLE = _table(_consumer_tiles)
+# arch -> the table the audit compiles for it (one table may serve several archs).
+GPU_TABLES = {HOPPER: HOPPER_TABLE, AMPERE: AMPERE_TABLE, CONSUMER: CONSUMER_TABLE, CONSUMER_BLACKWELL: CONSUMER_TABLE}
+CONSUMER_CAPABILITIES = {(8, 6), (8, 9)}  # and every major >= 12
 
 _INTERPRET_TILE = {
     "fwd": Tile(32, 32, 4, 1),
@@ -139,16 +184,28 @@ _INTERPRET_TILE = {
 INTERPRET_TABLE = {key: _INTERPRET_TILE[key[0]] for key in HOPPER_TABLE}
 
 
-def table_for_capability(major: int) -> dict[TileKey, Tile]:
-    """The GPU table for a device of compute capability ``major``.x: Hopper from 9 on, else Ampere."""
-    return GPU_TABLES[HOPPER if major >= 9 else AMPERE]
+def unsupported_capability(major: int, minor: int) -> str | None:
+    """None when a device of compute capability ``major.minor`` has a tile table, else the reason."""
+    if major < 8:
+        return (
+            f"the Triton attention kernels need compute capability >= 8.0 (tiles audited for sm_80, sm_86, "
+            f"sm_90 and sm_120), got {major}.{minor}"
+        )
+    return None
+
+
+def table_for_capability(major: int, minor: int = 0) -> dict[TileKey, Tile]:
+    """The GPU table for a device of compute capability ``major.minor`` >= 8.0 (see the module docstring)."""
+    if major >= 12 or (major, minor) in CONSUMER_CAPABILITIES:
+        return CONSUMER_TABLE
+    return HOPPER_TABLE if major >= 9 else AMPERE_TABLE
 
 
 @functools.cache
-def _capability_major(device_index: int) -> int:
+def _capability(device_index: int) -> tuple[int, int]:
     import torch
 
-    return torch.cuda.get_device_capability(device_index)[0]
+    return tuple(torch.cuda.get_device_capability(device_index))
 
 
 def active_table() -> dict[TileKey, Tile]:
@@ -157,7 +214,7 @@ def active_table() -> dict[TileKey, Tile]:
         return INTERPRET_TABLE
     import torch
 
-    return table_for_capability(_capability_major(torch.cuda.current_device()))
+    return table_for_capability(*_capability(torch.cuda.current_device()))
 
 
 def block_d_of(head_dim: int) -> int:
@@ -196,6 +253,8 @@ AUDIT_DTYPES = ("fp16", "bf16", "fp32")
 SAMPLE = {
     HOPPER: (("bf16", 64), ("bf16", 128)),
     AMPERE: (("bf16", 128), ("fp32", 128)),
+    CONSUMER: (("fp32", 128),),
+    CONSUMER_BLACKWELL: (("bf16", 64), ("fp32", 128)),
 }
 
 

@@ -15,7 +15,7 @@ Backends: ``"torch"`` runs ``reference.attention`` (SDPA, per-window copies for 
 ``"triton"`` runs the fused flash-style kernels of ``_attention_kernels`` (forward and a
 deterministic backward, float16 / bfloat16 / float32 with TF32 dots, head dim <= 128).
 ``"auto"`` takes Triton on CUDA and falls back to the reference for what the kernels do not
-cover (float64, head dim > 128).
+cover (float64, head dim > 128, GPUs before sm_80).
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def triton_supports(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
         # Row offsets (token index x token stride) are int32 inside the kernels; batch and head
         # offsets are int64. Only sequence-major layouts of huge tensors get here.
         return "the Triton kernels need N * (token stride) < 2**31; pass q, k, v in (B, N, H, D) storage"
+    if q.is_cuda and (reason := configs.unsupported_capability(*configs._capability(q.device.index))):
+        return reason
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         # B * H runs on the launch grid's second axis, which CUDA caps at 65535.
         return f"the Triton kernels take B * H up to {MAX_GRID_Y}, got {q.shape[0]} * {q.shape[1]}"

@@ -1,4 +1,4 @@
-"""Static GPU audit: compile every shipped kernel configuration for Hopper and Ampere, no GPU needed.
+"""Static GPU audit: compile every shipped kernel configuration for each supported NVIDIA arch, no GPU needed.
 
 Usage::
 
@@ -16,10 +16,11 @@ the same binary are merged first and compiled once. Registers, spill stores/load
 from the ``ptxas -v`` log of Triton's own compilation (the ptxas that ships with Triton, Triton's
 flags; on a Triton cache hit the cached PTX is re-assembled with those flags); shared memory comes
 from the compiled kernel's metadata. Tensor cores: the sm_90 SASS (``cuobjdump -sass``) is searched
-for HGMMA (Hopper wgmma) and HMMA (the older mma.sync path); on sm_80 the PTX's ``mma.sync`` (which
-assembles to HMMA) is reported. Prints one table row per (configuration, arch) and a summary per
+for HGMMA (Hopper wgmma) and HMMA (the older mma.sync path); on the other archs the PTX's ``mma.sync``
+(which assembles to HMMA) is reported. Prints one table row per (configuration, arch) and a summary per
 arch, and exits 1 when any configuration fails to compile, spills, needs more shared memory than
-the arch gives one block (``SHARED_LIMIT``: 227 KB on H100/H200, 163 KB on A100), or is marked
+the arch gives one block (``SHARED_LIMIT``: 227 KB on H100/H200, 163 KB on A100, 99 KB on the
+RTX-class sm_86 / sm_120), or is marked
 ``expect_wgmma`` and has no HGMMA on sm_90.
 
 Adding kernels (e.g. attention): define ``AUDIT_CONFIGS`` in any module of the ``radio_kernels``
@@ -52,8 +53,9 @@ from pathlib import Path
 
 from ._audit_registry import ARCHS, AuditConfig, merge_duplicates
 
-# Max dynamic shared memory per block (bytes): 227 KB on sm_90, 163 KB (166912 B) on sm_80.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# Max dynamic shared memory per block (bytes): 227 KB on sm_90, 163 KB (166912 B) on sm_80,
+# 99 KB (101376 B) on sm_86 / sm_89 / sm_120.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 120: 99 * 1024}
 
 
 @dataclass
@@ -136,11 +138,12 @@ def _parse_ptxas_log(log: str) -> dict[str, int]:
 
 def _ptxas_stats(ptx: str, arch: int, workdir: str) -> dict[str, int]:
     """Re-assemble ``ptx`` with Triton's ptxas flags (for a kernel Triton's cache returned)."""
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     src = os.path.join(workdir, "k.ptx")
     Path(src).write_text(ptx)
-    cmd = [_nvidia_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}"]
+    # The ptxas Triton itself runs for this arch (a newer one, ptxas-blackwell, from sm_100 on).
+    cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}"]
     proc = subprocess.run([*cmd, src, "-o", os.path.join(workdir, "k.cubin")], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-500:]}")

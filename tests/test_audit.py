@@ -1,11 +1,11 @@
-"""The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / sm_80 without a GPU.
+"""The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / sm_80 / sm_86 / sm_120 without a GPU.
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 Here: the loss kernels in full (every shipped configuration, each arch), every other registered
 kernel on its ``--sample`` subset (attention: the global bf16 D=64 / D=128 tiles, which must use
-HGMMA on sm_90, and the sm_80 tiles that override Hopper's), plus the audit's bookkeeping
-(duplicate merging, per-arch limits, the tile table a device gets) in-process. The full audit
-(~460 compilations) runs in CI: ``python -m radio_kernels.audit``.
+HGMMA on sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of
+shared memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a
+device gets) in-process. The full audit (~1000 compilations) runs in CI: ``python -m radio_kernels.audit``.
 """
 
 import os
@@ -24,6 +24,7 @@ from radio_kernels.audit import SHARED_LIMIT, AuditResult, format_table
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_KERNELS = ("_shifted_mse_fwd_kernel", "_mesa_fwd_kernel", "_angular_fwd_kernel")
 ATTENTION_MAIN = ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
+ARCH_NAMES = {"sm_90", "sm_80", "sm_86", "sm_120"}
 
 
 def run_audit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -40,7 +41,8 @@ def run_audit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def table_rows(stdout: str) -> list[list[str]]:
     """[kernel, config, arch, regs, spill st/ld, stack, shared KB, tensor cores, status] per row."""
-    return [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if re.match(r"^\S+\s+.*\s+sm_\d\d", line)]
+    rows = [line for line in stdout.splitlines() if re.match(r"^\S+\s+.*\s+sm_\d{2,3}", line)]
+    return [re.split(r"\s{2,}", line.strip()) for line in rows]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,14 @@ def test_loss_kernels_audit_in_full(registered):
     for name in LOSS_KERNELS:
         mine = [r for r in rows if r[0] == name]
         # every configuration, once per arch, with register counts and no spills
-        assert registered[name] == {"sm_90": len(mine) // 2, "sm_80": len(mine) // 2}, name
-        assert {r[2] for r in mine} == {"sm_90", "sm_80"}
+        assert registered[name] == dict.fromkeys(ARCH_NAMES, len(mine) // 4), name
+        assert {r[2] for r in mine} == ARCH_NAMES
         assert all(r[-1] == "ok" and r[4] == "0/0" and 0 < int(r[3]) <= 255 for r in mine), mine
     assert "all ok" in proc.stdout
 
 
-def test_sample_of_other_kernels_on_both_archs(registered):
-    """Every non-loss kernel's sample compiles spill-free on both archs; wgmma where it must be."""
+def test_sample_of_other_kernels_on_every_arch(registered):
+    """Every non-loss kernel's sample compiles spill-free on every arch; wgmma where it must be."""
     others = sorted(set(registered) - set(LOSS_KERNELS))
     assert set(ATTENTION_MAIN) <= set(others)
     proc = run_audit("--sample", *[a for name in others for a in ("--only", name)])
@@ -93,11 +95,16 @@ def test_sample_of_other_kernels_on_both_archs(registered):
             assert len(hopper) == 1 and hopper[0][7] == "HGMMA", (name, d, hopper)
         # Ampere's own tiles (the 16-bit D=128 forward and dK/dV, the fp32 dQ) are in the sample
         assert any(r[2] == "sm_80" and "D=128" in r[1] for r in mine), name
-        assert all(r[7] == "HMMA" for r in mine if r[2] == "sm_80"), name
+        # the consumer table's fp32 D=128 tiles, cut to 99 KB of shared memory
+        for arch in ("sm_86", "sm_120"):
+            assert any(r[2] == arch and "fp32 D=128" in r[1] for r in mine), (name, arch)
+        assert all(r[7] == "HMMA" for r in mine if r[2] != "sm_90"), name
     summary = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("sm_")}
     hgmma = re.search(r"HGMMA in (\d+)/(\d+)", summary["sm_90"])
     assert hgmma and hgmma[1] == hgmma[2] and int(hgmma[2]) >= 6
     assert " 0 spill, 0 over 163 KB shared, 0 errors" in summary["sm_80"]
+    for arch in ("sm_86", "sm_120"):
+        assert " 0 spill, 0 over 99 KB shared, 0 errors" in summary[arch]
 
 
 def test_failures_are_reported():
@@ -111,10 +118,13 @@ def test_failures_are_reported():
 
 
 def test_shared_memory_limit_is_per_arch():
-    assert SHARED_LIMIT == {90: 227 * 1024, 80: 163 * 1024}
+    assert SHARED_LIMIT == {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 120: 99 * 1024}
     kw = dict(regs=64, spill_stores=0, spill_loads=0, stack=0, shared=180 * 1024)
     assert not AuditResult("k", "cfg", 90, **kw).problems
     assert AuditResult("k", "cfg", 80, **kw).problems == ["shared 180.0 KB > 163 KB"]
+    kw["shared"] = 100 * 1024
+    assert not AuditResult("k", "cfg", 80, **kw).problems
+    assert AuditResult("k", "cfg", 120, **kw).problems == ["shared 100.0 KB > 99 KB"]
 
 
 def test_missing_wgmma_fails_on_hopper_only():
@@ -142,41 +152,77 @@ def test_duplicates_merge_into_one_compilation_per_arch():
 
 
 def test_attention_registry_ships_each_table_to_its_arch(listing):
-    """Ampere's overrides ship to sm_80 only, the Hopper tiles they replace to sm_90 only."""
-    dkdv = [line.split("\t") for line in listing if line.startswith("attn_bwd_dkdv_kernel\tdkdv global bf16 D=128 ")]
-    assert {(row[1].split(" D=128 ")[1], row[2], row[4]) for row in dkdv} == {
+    """A table's own tiles ship to its archs only: Ampere's (shared by the consumer table) to sm_80,
+    sm_86 and sm_120, the Hopper tiles they replace to sm_90, the consumer-only ones to sm_86 / sm_120."""
+
+    def shipped(prefix: str) -> set[tuple[str, str, str]]:
+        rows = [line.split("\t") for line in listing if line.startswith(prefix)]
+        return {(row[1].split(" D=128 ")[1], row[2], row[4]) for row in rows}
+
+    assert shipped("attn_bwd_dkdv_kernel\tdkdv global bf16 D=128 ") == {
         ("BLOCK_N=128 BLOCK_M=32", "num_warps=8", "sm_90"),  # configs.HOPPER_TABLE
-        ("BLOCK_N=64 BLOCK_M=32", "num_warps=8", "sm_80"),  # configs.AMPERE_TABLE
+        ("BLOCK_N=64 BLOCK_M=32", "num_warps=8", "sm_80,sm_86,sm_120"),  # configs.AMPERE_TABLE, CONSUMER_TABLE
+    }
+    assert shipped("attn_bwd_dkdv_kernel\tdkdv global fp32 D=128 ") == {
+        ("BLOCK_N=32 BLOCK_M=32", "num_warps=4", "sm_90,sm_80"),  # Hopper's fp32 tile, kept by Ampere
+        ("BLOCK_N=32 BLOCK_M=16", "num_warps=4", "sm_86,sm_120"),  # configs.CONSUMER_TABLE
     }
     for arch, table in configs.GPU_TABLES.items():
-        expected = configs.Tile(64, 32, 8, 3) if arch == configs.AMPERE else configs.Tile(128, 32, 8, 3)
+        expected = configs.Tile(128, 32, 8, 3) if arch == configs.HOPPER else configs.Tile(64, 32, 8, 3)
         assert table["dkdv", 128, 2, False] == expected
-    # merged duplicates: a tile both tables share is one entry for both archs, listed once
+    # merged duplicates: a tile all tables share is one entry for every arch, listed once
     configs_only = [line.rsplit("\t", 2)[0] if line.endswith("expect_wgmma") else line.rsplit("\t", 1)[0]
                     for line in listing]  # fmt: skip
     assert len(configs_only) == len(set(configs_only))
-    assert any(line.startswith("attn_fwd_kernel\tfwd global bf16 D=64 ") and "\tsm_90,sm_80\t" in line
+    assert any(line.startswith("attn_fwd_kernel\tfwd global bf16 D=64 ") and "\tsm_90,sm_80,sm_86,sm_120\t" in line
                for line in listing)  # fmt: skip
     # every Hopper 16-bit tile of 64+ rows is checked for HGMMA
     assert sum(line.endswith("expect_wgmma") for line in listing) > 50
 
 
-def test_device_capability_picks_the_tile_table():
-    assert configs.table_for_capability(9) is configs.HOPPER_TABLE
-    assert configs.table_for_capability(10) is configs.HOPPER_TABLE
-    assert configs.table_for_capability(8) is configs.AMPERE_TABLE
-    assert configs.HOPPER_TABLE.keys() == configs.AMPERE_TABLE.keys() == configs.INTERPRET_TABLE.keys()
-    configs._capability_major.cache_clear()
+@pytest.mark.parametrize(
+    ("capability", "table"),
+    [
+        ((9, 0), "HOPPER_TABLE"),  # H100 / H200
+        ((10, 0), "HOPPER_TABLE"),  # B200: 227 KB of shared memory too
+        ((8, 0), "AMPERE_TABLE"),  # A100
+        ((8, 7), "AMPERE_TABLE"),  # Jetson Orin: 163 KB
+        ((8, 6), "CONSUMER_TABLE"),  # RTX 30xx, A10: 99 KB
+        ((8, 9), "CONSUMER_TABLE"),  # RTX 40xx, L4, L40
+        ((12, 0), "CONSUMER_TABLE"),  # RTX 50xx
+    ],
+)
+def test_device_capability_picks_the_tile_table(capability, table):
+    assert configs.unsupported_capability(*capability) is None
+    assert configs.table_for_capability(*capability) is getattr(configs, table)
+    configs._capability.cache_clear()
     try:
         with (
             mock.patch.object(configs, "interpreter_enabled", lambda: False),
             mock.patch("torch.cuda.current_device", lambda: 0),
-            mock.patch("torch.cuda.get_device_capability", lambda index: (8, 0)),
+            mock.patch("torch.cuda.get_device_capability", lambda index: capability),
         ):
-            assert configs.active_table() is configs.AMPERE_TABLE
-            assert configs.pick_tile("dq", 128, 4) == configs.Tile(64, 32, 8, 3)
+            assert configs.active_table() is getattr(configs, table)
     finally:
-        configs._capability_major.cache_clear()
+        configs._capability.cache_clear()
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (7, 0), (6, 1)])
+def test_gpus_before_sm80_get_no_table(capability):
+    """T4 / V100 have 64-96 KB of shared memory and no bf16 tensor cores: auto falls back to PyTorch."""
+    reason = configs.unsupported_capability(*capability)
+    assert reason and "compute capability >= 8.0" in reason and f"{capability[0]}.{capability[1]}" in reason
+
+
+def test_tables_cover_the_same_launches_and_the_consumer_one_differs_only_where_audited():
+    keys = configs.HOPPER_TABLE.keys()
+    assert keys == configs.AMPERE_TABLE.keys() == configs.CONSUMER_TABLE.keys() == configs.INTERPRET_TABLE.keys()
+    assert configs.pick_tile("dq", 128, 4, table=configs.AMPERE_TABLE) == configs.Tile(64, 32, 8, 3)
+    changed = {k for k in keys if configs.CONSUMER_TABLE[k] != configs.AMPERE_TABLE[k]}
+    area = {k: (t.block_m * t.block_n, a.block_m * a.block_n)
+            for k in changed for t, a in [(configs.CONSUMER_TABLE[k], configs.AMPERE_TABLE[k])]}  # fmt: skip
+    assert changed and all(mine <= ampere for mine, ampere in area.values())  # only ever smaller tiles
+    assert all(t.block_m <= 64 for k, t in configs.CONSUMER_TABLE.items() if k[3])  # narrow stays narrow
 
 
 def test_audit_rejects_unknown_kernel_name():
