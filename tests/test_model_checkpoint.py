@@ -163,10 +163,10 @@ def test_feature_normalizer_is_loaded_and_applied(tmp_path):
     D = model.embed_dim
     mean, tx = torch.randn(D, generator=g), torch.randn(D, D, generator=g) / D**0.5
     sd = training_layout(model)
-    sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx, "inter_feature_normalizer.x": mean})
-    with pytest.warns(UserWarning, match="intermediate feature normalisers"):
-        loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+    sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx})
+    loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
     assert loaded.config.feature_normalizer and "feature_norm.tx" in loaded.state_dict()
+    assert loaded.config.intermediate_normalizer == "none" and loaded.intermediate_norm is None
 
     x = torch.rand(1, 3, 64, 64, generator=g)
     with torch.no_grad():
@@ -182,3 +182,48 @@ def test_feature_normalizer_is_loaded_and_applied(tmp_path):
     with torch.no_grad():
         again = RadioModel.from_pretrained(tmp_path / "m").eval()(x)
     assert torch.equal(again["backbone"].features, got["backbone"].features)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_intermediate_normalizer_is_loaded_and_applied(tmp_path, per_block):
+    """inter_feature_normalizer: block l's patch tokens -> alpha_l (x - mean_l) @ R_l^T in
+    forward_intermediates (prefix tokens untouched); normalize=False returns them raw."""
+    model = source_model(final_norm=False)
+    g = torch.Generator().manual_seed(12)
+    L, D = model.config.depth, model.embed_dim
+    means, alphas = torch.randn(L, D, generator=g), torch.rand(L, generator=g) + 0.5
+    rotation = torch.linalg.qr(torch.randn(*((L,) if per_block else ()), D, D, generator=g))[0]
+    sd = training_layout(model)
+    sd.update({"inter_feature_normalizer.means": means, "inter_feature_normalizer.alphas": alphas,
+               "inter_feature_normalizer.rotation": rotation})  # fmt: skip
+    loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+    assert loaded.config.intermediate_normalizer == ("per_block" if per_block else "shared")
+
+    x = torch.rand(2, 3, 48, 64, generator=g)
+    take = [0, L - 1]
+    with torch.no_grad():
+        raw = model.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True)
+        got = loaded.forward_intermediates(
+            x, take, intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True
+        )
+        plain = loaded.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC", normalize=False)
+    for layer, r, y, p in zip(take, raw, got, plain):
+        rot = rotation[layer] if per_block else rotation
+        torch.testing.assert_close(y.features, alphas[layer] * (r.features - means[layer]) @ rot.T)
+        torch.testing.assert_close(y.summary, r.summary)  # prefix tokens are not normalised
+        torch.testing.assert_close(p, r.features)
+    with torch.no_grad():  # the final output does not go through it
+        torch.testing.assert_close(loaded(x)["backbone"].features, model(x)["backbone"].features)
+
+    loaded.save_pretrained(tmp_path / "m")
+    again = RadioModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        redo = again.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC")
+    assert all(torch.equal(a, b.features) for a, b in zip(redo, got))
+
+    sd["inter_feature_normalizer.means"] = means[:-1]
+    with pytest.raises(ValueError, match="means must have shape"):
+        RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+    del sd["inter_feature_normalizer.means"]
+    with pytest.raises(ValueError, match="must hold 'means', 'alphas' and 'rotation'"):
+        RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))

@@ -34,8 +34,9 @@ patch size, CPE table size, head shapes); the head count, which weights do not r
 ``teachers`` (names, ``use_summary``, ``token_slot``, ``fd_upsample_factor``) and
 ``cls_token_per_teacher``. A feature normaliser stored next to the model (``_feature_normalizer.mean`` /
 ``.tx``, or without the underscore) becomes ``RadioModel.feature_norm`` (``config.feature_normalizer``),
-applied to all output tokens as the official model does; the per-layer intermediate normalisers are
-not applied to ``forward_intermediates`` and are ignored with a warning.
+applied to all output tokens as the official model does. A per-block intermediate normaliser
+(``inter_feature_normalizer.means`` / ``.alphas`` / ``.rotation``) becomes ``RadioModel.intermediate_norm``
+(``config.intermediate_normalizer``), applied by ``forward_intermediates`` as the official model does.
 
 Only load checkpoints you trust: a ``.pth`` holding a Namespace needs ``torch.load(weights_only=False)``.
 """
@@ -46,7 +47,6 @@ import dataclasses
 import math
 import os
 import re
-import warnings
 from typing import Any
 
 import torch
@@ -143,6 +143,29 @@ def _feature_normalizer(state: dict) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{prefix}* must hold 'mean' and 'tx', got {sorted(found)}")
             return {"mean": found["mean"].reshape(-1), "tx": found["tx"]}
     return {}
+
+
+def _intermediate_normalizer(state: dict, depth: int, dim: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """("shared" | "per_block", {"means", "alphas", "rotation"}) of the checkpoint's per-block
+    intermediate normaliser, or ("none", {}) when it has none."""
+    for prefix in _INTERMEDIATE_NORMALIZERS:
+        found = _strip(state, prefix)
+        if not found:
+            continue
+        if set(found) != {"means", "alphas", "rotation"}:
+            raise ValueError(f"{prefix}* must hold 'means', 'alphas' and 'rotation', got {sorted(found)}")
+        means, alphas, rotation = found["means"], found["alphas"].reshape(-1), found["rotation"]
+        shapes = {"means": (depth, dim), "alphas": (depth,)}
+        kind = "per_block" if rotation.ndim == 3 else "shared"
+        shapes["rotation"] = (depth, dim, dim) if kind == "per_block" else (dim, dim)
+        for name, tensor in (("means", means), ("alphas", alphas), ("rotation", rotation)):
+            if tuple(tensor.shape) != shapes[name]:
+                raise ValueError(
+                    f"{prefix}{name} must have shape {shapes[name]} for {depth} blocks of width {dim}, "
+                    f"got {tuple(tensor.shape)}"
+                )
+        return kind, {"means": means, "alphas": alphas, "rotation": rotation}
+    return "none", {}
 
 
 def _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix) -> RadioConfig:
@@ -277,6 +300,8 @@ def load_radio_checkpoint(
     feature_norm = _feature_normalizer(state)
     if feature_norm:
         config = dataclasses.replace(config, feature_normalizer=True)
+    inter_kind, inter_norm = _intermediate_normalizer(state, config.depth, config.embed_dim)
+    config = dataclasses.replace(config, intermediate_normalizer=inter_kind)
     heads = _head_states(layout, state, args, adaptor_names)
     specs = [_adaptor_spec(name, *parts, args) for name, parts in heads.items()]
     model = model_cls(config, specs)
@@ -300,10 +325,7 @@ def load_radio_checkpoint(
         mapped.update({f"adaptors.{name}.feature_head.{k}": v for k, v in feat.items()})
 
     mapped.update({f"feature_norm.{k}": v for k, v in feature_norm.items()})
-    if any(k.startswith(p) for k in state for p in _INTERMEDIATE_NORMALIZERS):
-        warnings.warn(
-            "checkpoint intermediate feature normalisers are not applied by RadioModel; ignored", stacklevel=2
-        )
+    mapped.update({f"intermediate_norm.{k}": v for k, v in inter_norm.items()})
     result = model.load_state_dict(mapped, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 VITDET_PREFIX_MODES = ("skip", "global", "replicate")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+INTERMEDIATE_NORMALIZERS = ("none", "shared", "per_block")
 ADAPTOR_HEADS = ("mlp", "attn")
 
 # C-RADIOv4 prefix layout: one CLS token per teacher (SigLIP2, DINOv3, SAM3) plus registers up to a
@@ -50,6 +51,11 @@ class RadioConfig:
     ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of all output tokens after
     the final norm, before the summary, the features and the adaptor heads; official checkpoints that
     store a ``_feature_normalizer`` carry it, and loading them turns it on with their ``mean`` / ``tx``.
+
+    ``intermediate_normalizer``: "none", or a fixed per-block whitening of the patch tokens that
+    ``forward_intermediates`` returns (``radio.model.embed.IntermediateNormalizer``) with one rotation
+    shared by all blocks ("shared") or one per block ("per_block"); official checkpoints that store an
+    ``inter_feature_normalizer`` carry it.
     """
 
     embed_dim: int = 768
@@ -72,6 +78,7 @@ class RadioConfig:
     attention_backend: str = "auto"
     final_norm: bool = True
     feature_normalizer: bool = False
+    intermediate_normalizer: str = "none"
 
     def __post_init__(self) -> None:
         self.summary_idxs = list(self.summary_idxs)
@@ -133,6 +140,11 @@ class RadioConfig:
         if self.vitdet_prefix not in VITDET_PREFIX_MODES:
             raise ValueError(
                 f"RadioConfig.vitdet_prefix must be one of {VITDET_PREFIX_MODES}, got {self.vitdet_prefix!r}"
+            )
+        if self.intermediate_normalizer not in INTERMEDIATE_NORMALIZERS:
+            raise ValueError(
+                f"RadioConfig.intermediate_normalizer must be one of {INTERMEDIATE_NORMALIZERS}, "
+                f"got {self.intermediate_normalizer!r}"
             )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(

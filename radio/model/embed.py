@@ -53,3 +53,27 @@ class FeatureNormalizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) @ self.tx.to(x.dtype).T
+
+
+class IntermediateNormalizer(nn.Module):
+    """Fixed per-block whitening of intermediate patch tokens (official checkpoints' ``inter_feature_normalizer``).
+
+    For block ``l``: ``y = alpha_l * (x - mean_l) @ R_l^T`` with buffers ``means`` (L, D), ``alphas`` (L,)
+    and ``rotation`` (D, D) shared by all blocks, or (L, D, D) per block. It brings every block's output
+    to a comparable scale for dense probes; prefix tokens are left as they are. Identity until loaded.
+    """
+
+    def __init__(self, depth: int, dim: int, per_block_rotation: bool = False) -> None:
+        super().__init__()
+        rotation = torch.eye(dim)
+        if per_block_rotation:
+            rotation = rotation.expand(depth, dim, dim).clone()
+        self.register_buffer("means", torch.zeros(depth, dim))
+        self.register_buffer("alphas", torch.ones(depth))
+        self.register_buffer("rotation", rotation)
+
+    def forward(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """x (B, N, D): block ``block``'s patch tokens."""
+        rotation = self.rotation if self.rotation.ndim == 2 else self.rotation[block]
+        y = (x - self.means[block].to(x.dtype)) @ rotation.to(x.dtype).T
+        return y * self.alphas[block].to(x.dtype)

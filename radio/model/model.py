@@ -30,7 +30,7 @@ from .adaptors import Adaptor
 from .blocks import Attention, Block, init_vit_weights
 from .config import ATTENTION_BACKENDS, AdaptorSpec, RadioConfig
 from .cpe import PositionEmbedding
-from .embed import FeatureNormalizer, InputNormalizer, PatchEmbed
+from .embed import FeatureNormalizer, InputNormalizer, IntermediateNormalizer, PatchEmbed
 from .vitdet import WindowedRun
 
 FEATURE_FORMATS = ("NLC", "NCHW", "NHWC")
@@ -97,6 +97,11 @@ class RadioModel(nn.Module):
         )
         self.norm = nn.LayerNorm(D, eps=1e-6) if config.final_norm else nn.Identity()
         self.feature_norm = FeatureNormalizer(D) if config.feature_normalizer else nn.Identity()
+        self.intermediate_norm = (
+            IntermediateNormalizer(config.depth, D, per_block_rotation=config.intermediate_normalizer == "per_block")
+            if config.intermediate_normalizer != "none"
+            else None
+        )
         self._windowed = config.windowed_blocks()
         self._external_preprocessor = False
         self.grad_checkpointing = False
@@ -307,6 +312,7 @@ class RadioModel(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        normalize: bool = True,
         generator: torch.Generator | None = None,
         cpe_uniforms: torch.Tensor | None = None,
     ):
@@ -315,7 +321,11 @@ class RadioModel(nn.Module):
         ``indices``: an int n takes the last n blocks, a sequence takes those block indices (negative
         counts from the end), None takes all. Each intermediate is the block's patch tokens in raster
         order (in ``output_fmt``), or ``RadioOutput(summary, features)`` with ``return_prefix_tokens``.
-        ``norm`` applies the final norm to them. Returns ``intermediates`` when ``intermediates_only``
+        ``normalize``: apply the per-block intermediate normaliser to the patch tokens, when the model
+        has one (official checkpoints; like their ``norm_alpha_scheme="post-alpha"``; False is their
+        "none"). ``norm`` then applies the final norm: the final LayerNorm and, for a model without an
+        intermediate normaliser, the output feature normaliser; with one, the LayerNorm only, as the
+        official models do. Returns ``intermediates`` when ``intermediates_only``
         (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
         where ``final`` is what ``forward(x, output_fmt)`` returns. ``generator`` / ``cpe_uniforms``: the
         training-time CPE randomness, as in ``forward``.
@@ -336,8 +346,15 @@ class RadioModel(nn.Module):
         stop = take[-1] if (stop_early and intermediates_only) else None
         tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
         intermediates = []
+        p = self.config.num_prefix_tokens
         for i in take:
-            t = self._final_norm(taken[i]) if norm else taken[i]
+            t = taken[i]
+            if self.intermediate_norm is not None:
+                if normalize:
+                    t = torch.cat([t[:, :p], self.intermediate_norm(t[:, p:], i)], dim=1)
+                t = self.norm(t) if norm else t
+            elif norm:
+                t = self._final_norm(t)
             out = self._backbone_output(t, grid, output_fmt)
             intermediates.append(out if return_prefix_tokens else out.features)
         if intermediates_only:
