@@ -3,11 +3,11 @@
 Three GPU tables ship, picked by ``table_for_capability`` from the compute capability of the current
 CUDA device (the target Triton compiles for):
 
-    HOPPER_TABLE     sm_90 (H100 / H200), audited for sm_90; also given to the data-centre
-                     Blackwells (sm_100 / sm_103: 227 KB of shared memory per block too), unaudited
+    HOPPER_TABLE     sm_90 (H100 / H200), audited for sm_90; also given to sm_100 / sm_103 (B200,
+                     B300) and sm_110 (Thor), which have 227 KB of shared memory per block too, unaudited
     AMPERE_TABLE     sm_80 (A100) and sm_87 (Jetson Orin) (163 KB; audited for sm_80)
-    CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 (RTX 50xx): 99 KB of
-                     shared memory per block; audited for sm_86 and sm_120
+    CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
+                     GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
 
 GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
 says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
@@ -16,7 +16,7 @@ window boundaries.
 
 Every GPU entry is compiled by the static audit (``python -m radio_kernels.audit``) for the
 architecture it ships to (``AUDIT_CONFIGS`` below): no register spills, shared memory within the
-per-block limit (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_120), and HGMMA (wgmma)
+per-block limit (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 / sm_120), and HGMMA (wgmma)
 in the sm_90 SASS of the 16-bit fwd / dq / dkdv tiles of 64+ rows.
 
 Launches (``rows`` = what a program owns, ``cols`` = what its inner loop walks):
@@ -53,7 +53,8 @@ class Tile:
 LAUNCHES = ("fwd", "fwd_prefix", "dq", "dq_prefix", "dkdv", "dkdv_prefix", "delta")
 BLOCK_DS = (16, 32, 64, 128)
 NARROW_WINDOW = 128  # windows shorter than this use the narrow variant of fwd / dq / dkdv
-HOPPER, AMPERE, CONSUMER, CONSUMER_BLACKWELL = 90, 80, 86, 120  # the architectures the audit compiles for
+# The architectures the audit compiles for (sm_89 and sm_120 are audited against the consumer table too).
+HOPPER, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL = 90, 80, 86, 89, 120
 
 TileKey = tuple[str, int, int, bool]  # (launch, BLOCK_D, bytes per element, narrow)
 
@@ -169,7 +170,13 @@ HOPPER_TABLE = _table(_hopper_tiles)
 AMPERE_TABLE = _table(_ampere_tiles)
 CONSUMER_TABLE = _table(_consumer_tiles)
 # arch -> the table the audit compiles for it (one table may serve several archs).
-GPU_TABLES = {HOPPER: HOPPER_TABLE, AMPERE: AMPERE_TABLE, CONSUMER: CONSUMER_TABLE, CONSUMER_BLACKWELL: CONSUMER_TABLE}
+GPU_TABLES = {
+    HOPPER: HOPPER_TABLE,
+    AMPERE: AMPERE_TABLE,
+    CONSUMER: CONSUMER_TABLE,
+    CONSUMER_ADA: CONSUMER_TABLE,
+    CONSUMER_BLACKWELL: CONSUMER_TABLE,
+}
 CONSUMER_CAPABILITIES = {(8, 6), (8, 9)}  # and every major >= 12
 
 _INTERPRET_TILE = {
@@ -196,6 +203,8 @@ def unsupported_capability(major: int, minor: int) -> str | None:
 
 def table_for_capability(major: int, minor: int = 0) -> dict[TileKey, Tile]:
     """The GPU table for a device of compute capability ``major.minor`` >= 8.0 (see the module docstring)."""
+    if reason := unsupported_capability(major, minor):
+        raise ValueError(reason)
     if major >= 12 or (major, minor) in CONSUMER_CAPABILITIES:
         return CONSUMER_TABLE
     return HOPPER_TABLE if major >= 9 else AMPERE_TABLE
@@ -254,6 +263,7 @@ SAMPLE = {
     HOPPER: (("bf16", 64), ("bf16", 128)),
     AMPERE: (("bf16", 128), ("fp32", 128)),
     CONSUMER: (("fp32", 128),),
+    CONSUMER_ADA: (("fp32", 128),),
     CONSUMER_BLACKWELL: (("bf16", 64), ("fp32", 128)),
 }
 

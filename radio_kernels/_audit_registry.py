@@ -38,9 +38,9 @@ import torch
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
-#: The architectures (compute capability x 10) the audit compiles for: H100/H200, A100, the
-#: RTX 30xx / 40xx generation (sm_86; sm_89 runs its code) and RTX 50xx (sm_120).
-ARCHS = (90, 80, 86, 120)
+#: The architectures (compute capability x 10) the audit compiles for: H100/H200, A100, RTX 30xx /
+#: A10 (sm_86), RTX 40xx / L4 / L40 (sm_89) and RTX 50xx (sm_120).
+ARCHS = (90, 80, 86, 89, 120)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ._attention_kernels import (
     attn_bwd_dq_kernel,
     attn_fwd_kernel,
 )
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, interpreter_enabled, resolve_backend
 from ._checks import check_same_device, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -78,8 +78,9 @@ def triton_supports(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
         # Row offsets (token index x token stride) are int32 inside the kernels; batch and head
         # offsets are int64. Only sequence-major layouts of huge tensors get here.
         return "the Triton kernels need N * (token stride) < 2**31; pass q, k, v in (B, N, H, D) storage"
-    if q.is_cuda and (reason := configs.unsupported_capability(*configs._capability(q.device.index))):
-        return reason
+    if q.is_cuda and not interpreter_enabled():  # the interpreter runs its own table on any device
+        if reason := configs.unsupported_capability(*configs._capability(q.device.index)):
+            return reason
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         # B * H runs on the launch grid's second axis, which CUDA caps at 65535.
         return f"the Triton kernels take B * H up to {MAX_GRID_Y}, got {q.shape[0]} * {q.shape[1]}"

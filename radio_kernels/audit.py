@@ -20,7 +20,7 @@ for HGMMA (Hopper wgmma) and HMMA (the older mma.sync path); on the other archs 
 (which assembles to HMMA) is reported. Prints one table row per (configuration, arch) and a summary per
 arch, and exits 1 when any configuration fails to compile, spills, needs more shared memory than
 the arch gives one block (``SHARED_LIMIT``: 227 KB on H100/H200, 163 KB on A100, 99 KB on the
-RTX-class sm_86 / sm_120), or is marked
+RTX-class sm_86 / sm_89 / sm_120), or is marked
 ``expect_wgmma`` and has no HGMMA on sm_90.
 
 Adding kernels (e.g. attention): define ``AUDIT_CONFIGS`` in any module of the ``radio_kernels``
@@ -55,7 +55,7 @@ from ._audit_registry import ARCHS, AuditConfig, merge_duplicates
 
 # Max dynamic shared memory per block (bytes): 227 KB on sm_90, 163 KB (166912 B) on sm_80,
 # 99 KB (101376 B) on sm_86 / sm_89 / sm_120.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 120: 99 * 1024}
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
 
 
 @dataclass

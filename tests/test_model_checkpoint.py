@@ -184,33 +184,42 @@ def test_feature_normalizer_is_loaded_and_applied(tmp_path):
     assert torch.equal(again["backbone"].features, got["backbone"].features)
 
 
-@pytest.mark.parametrize("per_block", [False, True])
-def test_intermediate_normalizer_is_loaded_and_applied(tmp_path, per_block):
-    """inter_feature_normalizer: block l's patch tokens -> alpha_l (x - mean_l) @ R_l^T in
-    forward_intermediates (prefix tokens untouched); normalize=False returns them raw."""
-    model = source_model(final_norm=False)
+@pytest.mark.parametrize(
+    ("per_block", "prefix", "final_norm"),
+    [
+        (False, "_intermediate_feature_normalizer.", False),  # the key the official checkpoints use
+        (True, "_intermediate_feature_normalizer.", True),
+        (True, "inter_feature_normalizer.", False),  # the official module's attribute name
+    ],
+)
+def test_intermediate_normalizer_is_loaded_and_applied(tmp_path, per_block, prefix, final_norm):
+    """Block l's patch tokens -> alpha_l (x - mean_l) @ R_l^T in forward_intermediates (prefix tokens
+    untouched), then the final LayerNorm with norm=True; normalize=False returns them raw."""
+    model = source_model(final_norm=final_norm)
     g = torch.Generator().manual_seed(12)
     L, D = model.config.depth, model.embed_dim
     means, alphas = torch.randn(L, D, generator=g), torch.rand(L, generator=g) + 0.5
     rotation = torch.linalg.qr(torch.randn(*((L,) if per_block else ()), D, D, generator=g))[0]
     sd = training_layout(model)
-    sd.update({"inter_feature_normalizer.means": means, "inter_feature_normalizer.alphas": alphas,
-               "inter_feature_normalizer.rotation": rotation})  # fmt: skip
+    sd.update({f"{prefix}means": means, f"{prefix}alphas": alphas, f"{prefix}rotation": rotation})
     loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
     assert loaded.config.intermediate_normalizer == ("per_block" if per_block else "shared")
+    assert loaded.config.final_norm == final_norm
 
     x = torch.rand(2, 3, 48, 64, generator=g)
     take = [0, L - 1]
+    kw = dict(intermediates_only=True, output_fmt="NLC")
     with torch.no_grad():
-        raw = model.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True)
-        got = loaded.forward_intermediates(
-            x, take, intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True
-        )
-        plain = loaded.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC", normalize=False)
-    for layer, r, y, p in zip(take, raw, got, plain):
+        raw = model.forward_intermediates(x, take, return_prefix_tokens=True, **kw)
+        got = loaded.forward_intermediates(x, take, return_prefix_tokens=True, **kw)
+        normed = loaded.forward_intermediates(x, take, norm=True, **kw)
+        plain = loaded.forward_intermediates(x, take, normalize=False, **kw)
+    for layer, r, y, n, p in zip(take, raw, got, normed, plain):
         rot = rotation[layer] if per_block else rotation
-        torch.testing.assert_close(y.features, alphas[layer] * (r.features - means[layer]) @ rot.T)
+        want = alphas[layer] * (r.features - means[layer]) @ rot.T
+        torch.testing.assert_close(y.features, want)
         torch.testing.assert_close(y.summary, r.summary)  # prefix tokens are not normalised
+        torch.testing.assert_close(n, loaded.norm(want))  # LayerNorm after the normaliser
         torch.testing.assert_close(p, r.features)
     with torch.no_grad():  # the final output does not go through it
         torch.testing.assert_close(loaded(x)["backbone"].features, model(x)["backbone"].features)
@@ -218,12 +227,12 @@ def test_intermediate_normalizer_is_loaded_and_applied(tmp_path, per_block):
     loaded.save_pretrained(tmp_path / "m")
     again = RadioModel.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
-        redo = again.forward_intermediates(x, take, intermediates_only=True, output_fmt="NLC")
+        redo = again.forward_intermediates(x, take, **kw)
     assert all(torch.equal(a, b.features) for a, b in zip(redo, got))
 
-    sd["inter_feature_normalizer.means"] = means[:-1]
+    sd[f"{prefix}means"] = means[:-1]
     with pytest.raises(ValueError, match="means must have shape"):
         RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
-    del sd["inter_feature_normalizer.means"]
+    del sd[f"{prefix}means"]
     with pytest.raises(ValueError, match="must hold 'means', 'alphas' and 'rotation'"):
         RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))

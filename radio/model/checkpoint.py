@@ -35,7 +35,8 @@ patch size, CPE table size, head shapes); the head count, which weights do not r
 ``cls_token_per_teacher``. A feature normaliser stored next to the model (``_feature_normalizer.mean`` /
 ``.tx``, or without the underscore) becomes ``RadioModel.feature_norm`` (``config.feature_normalizer``),
 applied to all output tokens as the official model does. A per-block intermediate normaliser
-(``inter_feature_normalizer.means`` / ``.alphas`` / ``.rotation``) becomes ``RadioModel.intermediate_norm``
+(``_intermediate_feature_normalizer.means`` / ``.alphas`` / ``.rotation``, or under the module name
+``inter_feature_normalizer.``) becomes ``RadioModel.intermediate_norm``
 (``config.intermediate_normalizer``), applied by ``forward_intermediates`` as the official model does.
 
 Only load checkpoints you trust: a ``.pth`` holding a Namespace needs ``torch.load(weights_only=False)``.
@@ -65,7 +66,7 @@ _TIMM_HEADS = (
     ("vit_gigantic", 16),
 )
 _FEATURE_NORMALIZERS = ("_feature_normalizer.", "feature_normalizer.")
-_INTERMEDIATE_NORMALIZERS = ("inter_feature_normalizer.", "_intermediate_feature_normalizer.")
+_INTERMEDIATE_NORMALIZERS = ("_intermediate_feature_normalizer.", "inter_feature_normalizer.")
 _BACKBONE_RENAMES = {
     "patch_generator.embedder.weight": "patch_embed.proj.weight",
     "patch_generator.pos_embed": "cpe.pos_embed",

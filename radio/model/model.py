@@ -323,9 +323,8 @@ class RadioModel(nn.Module):
         order (in ``output_fmt``), or ``RadioOutput(summary, features)`` with ``return_prefix_tokens``.
         ``normalize``: apply the per-block intermediate normaliser to the patch tokens, when the model
         has one (official checkpoints; like their ``norm_alpha_scheme="post-alpha"``; False is their
-        "none"). ``norm`` then applies the final norm: the final LayerNorm and, for a model without an
-        intermediate normaliser, the output feature normaliser; with one, the LayerNorm only, as the
-        official models do. Returns ``intermediates`` when ``intermediates_only``
+        "none"). ``norm`` then applies the final LayerNorm (not the output feature normaliser, which
+        only the final outputs get, as in the official models). Returns ``intermediates`` when ``intermediates_only``
         (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
         where ``final`` is what ``forward(x, output_fmt)`` returns. ``generator`` / ``cpe_uniforms``: the
         training-time CPE randomness, as in ``forward``.
@@ -349,12 +348,9 @@ class RadioModel(nn.Module):
         p = self.config.num_prefix_tokens
         for i in take:
             t = taken[i]
-            if self.intermediate_norm is not None:
-                if normalize:
-                    t = torch.cat([t[:, :p], self.intermediate_norm(t[:, p:], i)], dim=1)
-                t = self.norm(t) if norm else t
-            elif norm:
-                t = self._final_norm(t)
+            if normalize and self.intermediate_norm is not None:
+                t = torch.cat([t[:, :p], self.intermediate_norm(t[:, p:], i)], dim=1)
+            t = self.norm(t) if norm else t
             out = self._backbone_output(t, grid, output_fmt)
             intermediates.append(out if return_prefix_tokens else out.features)
         if intermediates_only:
