@@ -1,10 +1,11 @@
 """Tile shapes of the attention kernels, per GPU architecture, launch, head-dim block and dtype width.
 
-Three GPU tables ship, picked by ``table_for_capability`` from the compute capability of the current
+Four GPU tables ship, picked by ``table_for_capability`` from the compute capability of the current
 CUDA device (the target Triton compiles for):
 
-    HOPPER_TABLE     sm_90 (H100 / H200), audited for sm_90; also given to sm_100 / sm_103 (B200,
-                     B300) and sm_110 (Thor), which have 227 KB of shared memory per block too, unaudited
+    HOPPER_TABLE     sm_90 (H100 / H200): 227 KB of shared memory per block; audited for sm_90
+    BLACKWELL_TABLE  sm_100 (B200): the Hopper tiles where sm_100's compiler keeps them spill-free;
+                     audited for sm_100; also given to sm_103 (B300) and sm_110 (Thor), unaudited
     AMPERE_TABLE     sm_80 (A100) and sm_87 (Jetson Orin) (163 KB; audited for sm_80)
     CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
@@ -53,8 +54,8 @@ class Tile:
 LAUNCHES = ("fwd", "fwd_prefix", "dq", "dq_prefix", "dkdv", "dkdv_prefix", "delta")
 BLOCK_DS = (16, 32, 64, 128)
 NARROW_WINDOW = 128  # windows shorter than this use the narrow variant of fwd / dq / dkdv
-# The architectures the audit compiles for (sm_89 and sm_120 are audited against the consumer table too).
-HOPPER, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL = 90, 80, 86, 89, 120
+# The architectures the audit compiles for (one table may serve several).
+HOPPER, BLACKWELL, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL = 90, 100, 80, 86, 89, 120
 
 TileKey = tuple[str, int, int, bool]  # (launch, BLOCK_D, bytes per element, narrow)
 
@@ -123,6 +124,30 @@ def _ampere_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     return t
 
 
+def _blackwell_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
+    """(launch, narrow) -> Tile on sm_100 (B200): the Hopper tiles, cut where the audit needs it.
+
+    sm_100 has Hopper's 227 KB of shared memory and register file; Triton's tl.dot becomes tcgen05
+    (accumulators in tensor memory) instead of wgmma, and sm_100's ptxas spills a few tiles that
+    sm_90's keeps in registers. Each override is the largest tile that compiles spill-free for sm_100
+    for every head dim of the block.
+    """
+    t = _hopper_tiles(bd, es)
+    overrides = {
+        (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3), ("delta", False): Tile(64, 0, 8, 1)},
+        (4, 16): {("dkdv", False): Tile(128, 32, 8, 2)},
+        (4, 32): {("dkdv", False): Tile(128, 32, 8, 2)},
+        (4, 64): {("fwd", False): Tile(128, 32, 8, 3)},
+        (4, 128): {
+            ("dq", True): Tile(64, 16, 4, 2),
+            ("dkdv", False): Tile(32, 16, 4, 3),
+            ("dkdv", True): Tile(32, 16, 4, 3),
+        },
+    }
+    t.update(overrides.get((es, bd), {}))
+    return t
+
+
 def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     """(launch, narrow) -> Tile on sm_86 / sm_89 / sm_120: the Ampere tiles, cut where the audit needs it.
 
@@ -167,11 +192,13 @@ def _table(tiles) -> dict[TileKey, Tile]:
 
 
 HOPPER_TABLE = _table(_hopper_tiles)
+BLACKWELL_TABLE = _table(_blackwell_tiles)
 AMPERE_TABLE = _table(_ampere_tiles)
 CONSUMER_TABLE = _table(_consumer_tiles)
 # arch -> the table the audit compiles for it (one table may serve several archs).
 GPU_TABLES = {
     HOPPER: HOPPER_TABLE,
+    BLACKWELL: BLACKWELL_TABLE,
     AMPERE: AMPERE_TABLE,
     CONSUMER: CONSUMER_TABLE,
     CONSUMER_ADA: CONSUMER_TABLE,
@@ -207,7 +234,9 @@ def table_for_capability(major: int, minor: int = 0) -> dict[TileKey, Tile]:
         raise ValueError(reason)
     if major >= 12 or (major, minor) in CONSUMER_CAPABILITIES:
         return CONSUMER_TABLE
-    return HOPPER_TABLE if major >= 9 else AMPERE_TABLE
+    if major >= 10:
+        return BLACKWELL_TABLE
+    return HOPPER_TABLE if major == 9 else AMPERE_TABLE
 
 
 @functools.cache
@@ -261,6 +290,7 @@ AUDIT_DTYPES = ("fp16", "bf16", "fp32")
 # the tiles that override Hopper's.
 SAMPLE = {
     HOPPER: (("bf16", 64), ("bf16", 128)),
+    BLACKWELL: (("bf16", 64), ("bf16", 128)),
     AMPERE: (("bf16", 128), ("fp32", 128)),
     CONSUMER: (("fp32", 128),),
     CONSUMER_ADA: (("fp32", 128),),
@@ -321,7 +351,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                                         "BLOCK_P": block_p},
                             num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True,
                             archs=(arch,),
-                            expect_wgmma=arch == HOPPER and es == 2 and tile.block_m >= 64,
+                            expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
                             sample=sampled and label == "global",
                         ))  # fmt: skip
                 tile = table["delta", bd, es, False]

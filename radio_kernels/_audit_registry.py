@@ -20,7 +20,7 @@ module of the ``radio_kernels`` package and collects these lists; nothing else t
 ``archs`` lists the architectures the wrapper launches the entry on (a per-arch tile table gives
 one entry per arch; the audit merges entries that compile to the same binary, see
 :func:`merge_duplicates`). ``expect_wgmma=True`` makes the audit fail unless the sm_90 SASS uses
-HGMMA; ``sample=True`` puts the entry in the quick ``--sample`` subset.
+HGMMA (and the sm_100 SASS tcgen05's UTCHMMA); ``sample=True`` puts the entry in the quick ``--sample`` subset.
 
 Conventions that mirror what the JIT sees at launch: pointers are marked 16-byte aligned (every
 torch allocation is); integer arguments are ``i32`` unless a config says otherwise; an argument a
@@ -38,9 +38,9 @@ import torch
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
-#: The architectures (compute capability x 10) the audit compiles for: H100/H200, A100, RTX 30xx /
-#: A10 (sm_86), RTX 40xx / L4 / L40 (sm_89) and RTX 50xx (sm_120).
-ARCHS = (90, 80, 86, 89, 120)
+#: The architectures (compute capability x 10) the audit compiles for: H100/H200, B200 (sm_100),
+#: A100, RTX 30xx / A10 (sm_86), RTX 40xx / L4 / L40 (sm_89) and RTX 50xx (sm_120).
+ARCHS = (90, 100, 80, 86, 89, 120)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class AuditConfig:
     uses_dot: bool = False  # report which tensor-core instructions the SASS uses (HGMMA / HMMA)
     aligned: tuple[str, ...] = field(default=())  # extra i32 arguments known to be multiples of 16
     archs: tuple[int, ...] = ARCHS  # the architectures a host wrapper launches this config on
-    expect_wgmma: bool = False  # fail unless the sm_90 SASS uses Hopper tensor cores (HGMMA)
+    expect_wgmma: bool = False  # fail unless the SASS uses the async tensor cores (sm_90 HGMMA, sm_100 tcgen05)
     sample: bool = False  # compiled by ``--sample`` (kernels flagging none: their first and last)
 
     @property

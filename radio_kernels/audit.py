@@ -20,8 +20,9 @@ for HGMMA (Hopper wgmma) and HMMA (the older mma.sync path); on the other archs 
 (which assembles to HMMA) is reported. Prints one table row per (configuration, arch) and a summary per
 arch, and exits 1 when any configuration fails to compile, spills, needs more shared memory than
 the arch gives one block (``SHARED_LIMIT``: 227 KB on H100/H200, 163 KB on A100, 99 KB on the
-RTX-class sm_86 / sm_89 / sm_120), or is marked
-``expect_wgmma`` and has no HGMMA on sm_90.
+RTX-class sm_86 / sm_89 / sm_120; 227 KB on sm_100 too), or is marked
+``expect_wgmma`` and lacks the arch's asynchronous tensor cores (HGMMA on sm_90, tcgen05's UTCHMMA
+on sm_100).
 
 Adding kernels (e.g. attention): define ``AUDIT_CONFIGS`` in any module of the ``radio_kernels``
 package, a list of :class:`radio_kernels._audit_registry.AuditConfig` or a function returning one,
@@ -55,7 +56,9 @@ from ._audit_registry import ARCHS, AuditConfig, merge_duplicates
 
 # Max dynamic shared memory per block (bytes): 227 KB on sm_90, 163 KB (166912 B) on sm_80,
 # 99 KB (101376 B) on sm_86 / sm_89 / sm_120.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
+SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
+# What ``expect_wgmma`` requires per arch: the asynchronous tensor cores (Hopper wgmma, Blackwell tcgen05).
+ASYNC_MMA = {90: "HGMMA", 100: "UTCHMMA"}
 
 
 @dataclass
@@ -81,8 +84,9 @@ class AuditResult:
             out.append(f"spills {self.spill_stores}/{self.spill_loads} B")
         if self.shared is not None and self.shared > SHARED_LIMIT[self.arch]:
             out.append(f"shared {self.shared / 1024:.1f} KB > {SHARED_LIMIT[self.arch] // 1024} KB")
-        if self.expect_wgmma and self.arch == 90 and "HGMMA" not in self.tensor_cores.split("+"):
-            out.append(f"no HGMMA on sm_90 (tensor cores: {self.tensor_cores})")
+        want = ASYNC_MMA.get(self.arch)
+        if self.expect_wgmma and want and want not in self.tensor_cores.split("+"):
+            out.append(f"no {want} on sm_{self.arch} (tensor cores: {self.tensor_cores})")
         return out
 
 
@@ -164,13 +168,14 @@ def _compile_with_ptxas_log(src, arch: int, options: dict) -> tuple[object, str]
 
 
 def _tensor_core_ops(compiled, arch: int, workdir: str) -> str:
-    """HGMMA / HMMA in the sm_90 SASS; on older archs HMMA iff the PTX has mma.sync."""
+    """Tensor-core instructions in the SASS from sm_90 on: HGMMA (wgmma), UTCHMMA (tcgen05, sm_100),
+    HMMA (mma.sync); on older archs HMMA iff the PTX has mma.sync."""
     if arch < 90:
         return "HMMA" if "mma.sync" in compiled.asm["ptx"] else "none"
     path = os.path.join(workdir, "kernel.cubin")
     Path(path).write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-    found = [op for op in ("HGMMA", "HMMA") if op in sass]
+    found = [op for op in ("HGMMA", "UTCHMMA", "HMMA") if re.search(rf"\b{op}\b", sass)]
     return "+".join(found) if found else "none"
 
 
@@ -280,9 +285,10 @@ def summarize(results: list[AuditResult]) -> str:
             shared, regs = max(r.shared or 0 for r in mine), max(r.regs or 0 for r in mine)
             line += f"; max shared {shared / 1024:.1f} KB, max regs {regs}"
         checked = [r for r in mine if r.expect_wgmma]
-        if arch == 90 and checked:
-            with_hgmma = sum("HGMMA" in r.tensor_cores.split("+") for r in checked)
-            line += f"; HGMMA in {with_hgmma}/{len(checked)} configurations that require it"
+        if arch in ASYNC_MMA and checked:
+            op = ASYNC_MMA[arch]
+            with_op = sum(op in r.tensor_cores.split("+") for r in checked)
+            line += f"; {op} in {with_op}/{len(checked)} configurations that require it"
         lines.append(line)
     return "\n".join(lines)
 

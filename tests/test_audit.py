@@ -1,11 +1,11 @@
-"""The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / 80 / 86 / 89 / 120 without a GPU.
+"""The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / 100 / 80 / 86 / 89 / 120 without a GPU.
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 Here: the loss kernels in full (every shipped configuration, each arch), every other registered
 kernel on its ``--sample`` subset (attention: the global bf16 D=64 / D=128 tiles, which must use
 HGMMA on sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of
 shared memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a
-device gets) in-process. The full audit (~1300 compilations) runs in CI: ``python -m radio_kernels.audit``.
+device gets) in-process. The full audit (~1570 compilations) runs in CI: ``python -m radio_kernels.audit``.
 """
 
 import os
@@ -24,7 +24,7 @@ from radio_kernels.audit import SHARED_LIMIT, AuditResult, format_table
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_KERNELS = ("_shifted_mse_fwd_kernel", "_mesa_fwd_kernel", "_angular_fwd_kernel")
 ATTENTION_MAIN = ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
-ARCH_NAMES = {"sm_90", "sm_80", "sm_86", "sm_89", "sm_120"}
+ARCH_NAMES = {"sm_90", "sm_100", "sm_80", "sm_86", "sm_89", "sm_120"}
 
 
 def run_audit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -93,15 +93,18 @@ def test_sample_of_other_kernels_on_every_arch(registered):
         for d in (64, 128):
             hopper = [r for r in mine if r[2] == "sm_90" and f"global bf16 D={d} " in r[1]]
             assert len(hopper) == 1 and hopper[0][7] == "HGMMA", (name, d, hopper)
+            blackwell = [r for r in mine if r[2] == "sm_100" and f"global bf16 D={d} " in r[1]]
+            assert len(blackwell) == 1 and blackwell[0][7] == "UTCHMMA", (name, d, blackwell)  # tcgen05
         # Ampere's own tiles (the 16-bit D=128 forward and dK/dV, the fp32 dQ) are in the sample
         assert any(r[2] == "sm_80" and "D=128" in r[1] for r in mine), name
         # the consumer table's fp32 D=128 tiles, cut to 99 KB of shared memory
         for arch in ("sm_86", "sm_89", "sm_120"):
             assert any(r[2] == arch and "fp32 D=128" in r[1] for r in mine), (name, arch)
-        assert all(r[7] == "HMMA" for r in mine if r[2] != "sm_90"), name
+        assert all(r[7] == "HMMA" for r in mine if r[2] not in ("sm_90", "sm_100")), name
     summary = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("sm_")}
-    hgmma = re.search(r"HGMMA in (\d+)/(\d+)", summary["sm_90"])
-    assert hgmma and hgmma[1] == hgmma[2] and int(hgmma[2]) >= 6
+    for arch, op in (("sm_90", "HGMMA"), ("sm_100", "UTCHMMA")):
+        found = re.search(rf"{op} in (\d+)/(\d+)", summary[arch])
+        assert found and found[1] == found[2] and int(found[2]) >= 6, summary[arch]
     assert " 0 spill, 0 over 163 KB shared, 0 errors" in summary["sm_80"]
     for arch in ("sm_86", "sm_89", "sm_120"):
         assert " 0 spill, 0 over 99 KB shared, 0 errors" in summary[arch]
@@ -118,7 +121,14 @@ def test_failures_are_reported():
 
 
 def test_shared_memory_limit_is_per_arch():
-    assert SHARED_LIMIT == {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 120: 99 * 1024}
+    assert SHARED_LIMIT == {
+        90: 227 * 1024,
+        100: 227 * 1024,
+        80: 163 * 1024,
+        86: 99 * 1024,
+        89: 99 * 1024,
+        120: 99 * 1024,
+    }
     kw = dict(regs=64, spill_stores=0, spill_loads=0, stack=0, shared=180 * 1024)
     assert not AuditResult("k", "cfg", 90, **kw).problems
     assert AuditResult("k", "cfg", 80, **kw).problems == ["shared 180.0 KB > 163 KB"]
@@ -127,10 +137,14 @@ def test_shared_memory_limit_is_per_arch():
     assert AuditResult("k", "cfg", 120, **kw).problems == ["shared 100.0 KB > 99 KB"]
 
 
-def test_missing_wgmma_fails_on_hopper_only():
+def test_missing_async_tensor_cores_fail_on_hopper_and_blackwell_only():
     kw = dict(regs=128, spill_stores=0, spill_loads=0, stack=0, shared=64 * 1024, expect_wgmma=True)
     assert not AuditResult("k", "cfg", 90, tensor_cores="HGMMA", **kw).problems
     assert AuditResult("k", "cfg", 90, tensor_cores="HMMA", **kw).problems == ["no HGMMA on sm_90 (tensor cores: HMMA)"]
+    assert not AuditResult("k", "cfg", 100, tensor_cores="UTCHMMA", **kw).problems
+    assert AuditResult("k", "cfg", 100, tensor_cores="HMMA", **kw).problems == [
+        "no UTCHMMA on sm_100 (tensor cores: HMMA)"
+    ]
     assert not AuditResult("k", "cfg", 80, tensor_cores="HMMA", **kw).problems
 
 
@@ -160,21 +174,23 @@ def test_attention_registry_ships_each_table_to_its_arch(listing):
         return {(row[1].split(" D=128 ")[1], row[2], row[4]) for row in rows}
 
     assert shipped("attn_bwd_dkdv_kernel\tdkdv global bf16 D=128 ") == {
-        ("BLOCK_N=128 BLOCK_M=32", "num_warps=8", "sm_90"),  # configs.HOPPER_TABLE
+        ("BLOCK_N=128 BLOCK_M=32", "num_warps=8", "sm_90,sm_100"),  # configs.HOPPER_TABLE, BLACKWELL_TABLE
         ("BLOCK_N=64 BLOCK_M=32", "num_warps=8", "sm_80,sm_86,sm_89,sm_120"),  # configs.AMPERE_TABLE, CONSUMER_TABLE
     }
     assert shipped("attn_bwd_dkdv_kernel\tdkdv global fp32 D=128 ") == {
         ("BLOCK_N=32 BLOCK_M=32", "num_warps=4", "sm_90,sm_80"),  # Hopper's fp32 tile, kept by Ampere
-        ("BLOCK_N=32 BLOCK_M=16", "num_warps=4", "sm_86,sm_89,sm_120"),  # configs.CONSUMER_TABLE
+        ("BLOCK_N=32 BLOCK_M=16", "num_warps=4", "sm_100,sm_86,sm_89,sm_120"),  # BLACKWELL_TABLE, CONSUMER_TABLE
     }
     for arch, table in configs.GPU_TABLES.items():
-        expected = configs.Tile(128, 32, 8, 3) if arch == configs.HOPPER else configs.Tile(64, 32, 8, 3)
+        expected = (
+            configs.Tile(128, 32, 8, 3) if arch in (configs.HOPPER, configs.BLACKWELL) else configs.Tile(64, 32, 8, 3)
+        )
         assert table["dkdv", 128, 2, False] == expected
     # merged duplicates: a tile all tables share is one entry for every arch, listed once
     configs_only = [line.rsplit("\t", 2)[0] if line.endswith("expect_wgmma") else line.rsplit("\t", 1)[0]
                     for line in listing]  # fmt: skip
     assert len(configs_only) == len(set(configs_only))
-    everywhere = "\tsm_90,sm_80,sm_86,sm_89,sm_120\t"
+    everywhere = "\tsm_90,sm_100,sm_80,sm_86,sm_89,sm_120\t"
     assert any(line.startswith("attn_fwd_kernel\tfwd global bf16 D=64 ") and everywhere in line for line in listing)
     # every Hopper 16-bit tile of 64+ rows is checked for HGMMA
     assert sum(line.endswith("expect_wgmma") for line in listing) > 50
@@ -184,9 +200,9 @@ def test_attention_registry_ships_each_table_to_its_arch(listing):
     ("capability", "table"),
     [
         ((9, 0), "HOPPER_TABLE"),  # H100 / H200
-        ((10, 0), "HOPPER_TABLE"),  # B200: 227 KB of shared memory too
-        ((10, 3), "HOPPER_TABLE"),  # B300
-        ((11, 0), "HOPPER_TABLE"),  # Thor
+        ((10, 0), "BLACKWELL_TABLE"),  # B200: 227 KB of shared memory too
+        ((10, 3), "BLACKWELL_TABLE"),  # B300
+        ((11, 0), "BLACKWELL_TABLE"),  # Thor
         ((8, 0), "AMPERE_TABLE"),  # A100
         ((8, 7), "AMPERE_TABLE"),  # Jetson Orin: 163 KB
         ((8, 6), "CONSUMER_TABLE"),  # RTX 30xx, A10: 99 KB
@@ -221,7 +237,8 @@ def test_gpus_before_sm80_get_no_table(capability):
 
 def test_tables_cover_the_same_launches_and_the_consumer_one_differs_only_where_audited():
     keys = configs.HOPPER_TABLE.keys()
-    assert keys == configs.AMPERE_TABLE.keys() == configs.CONSUMER_TABLE.keys() == configs.INTERPRET_TABLE.keys()
+    assert keys == configs.BLACKWELL_TABLE.keys() == configs.AMPERE_TABLE.keys() == configs.CONSUMER_TABLE.keys()
+    assert keys == configs.INTERPRET_TABLE.keys()
     assert configs.pick_tile("dq", 128, 4, table=configs.AMPERE_TABLE) == configs.Tile(64, 32, 8, 3)
     changed = {k for k in keys if configs.CONSUMER_TABLE[k] != configs.AMPERE_TABLE[k]}
     area = {k: (t.block_m * t.block_n, a.block_m * a.block_n)
