@@ -34,6 +34,12 @@ def _pooled(output, use_head: bool) -> torch.Tensor | None:
     return output.pooler_output if use_head else None
 
 
+def _uses_head(config) -> bool:
+    """Whether the vision model has its attention-pool head (older transformers configs may not
+    store ``vision_use_head``; their models then default to a head, as this does)."""
+    return getattr(config, "vision_use_head", True)
+
+
 class SiglipTeacher(Teacher):
     """Fixed-resolution SigLIP/SigLIP2 (e.g. ``google/siglip2-giant-opt-patch16-384``).
 
@@ -47,7 +53,7 @@ class SiglipTeacher(Teacher):
             name=name,
             patch_size=_side(cfg.patch_size),
             feature_dim=cfg.hidden_size,
-            summary_dim=cfg.hidden_size if cfg.vision_use_head else None,
+            summary_dim=cfg.hidden_size if _uses_head(cfg) else None,
             mean=mean,
             std=std,
             fixed_size=None,
@@ -62,7 +68,7 @@ class SiglipTeacher(Teacher):
         out = self.model(pixel_values=pixels, interpolate_pos_encoding=off_native)
         gh, gw = self.grid(h, w)
         features = out.last_hidden_state.reshape(b, gh, gw, -1)
-        return TeacherOutput(_pooled(out, self.model.config.vision_use_head), features)
+        return TeacherOutput(_pooled(out, _uses_head(self.model.config)), features)
 
 
 def naflex_inputs(pixels: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
@@ -96,7 +102,7 @@ class Siglip2NaFlexTeacher(Teacher):
             name=name,
             patch_size=p,
             feature_dim=cfg.hidden_size,
-            summary_dim=cfg.hidden_size if cfg.vision_use_head else None,
+            summary_dim=cfg.hidden_size if _uses_head(cfg) else None,
             mean=mean,
             std=std,
             fixed_size=None,
@@ -110,4 +116,4 @@ class Siglip2NaFlexTeacher(Teacher):
         out = self.model(**naflex_inputs(pixels, self.patch_size))
         gh, gw = self.grid(h, w)
         features = out.last_hidden_state.reshape(b, gh, gw, -1)
-        return TeacherOutput(_pooled(out, self.model.config.vision_use_head), features)
+        return TeacherOutput(_pooled(out, _uses_head(self.model.config)), features)
