@@ -128,6 +128,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# radio export-onnx
+# ----------------------------------------------------------------------------------------------
+
+
+def _export_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="a RadioModel.from_pretrained folder")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument(
+        "--resolution", required=True, nargs=2, type=int, metavar=("H", "W"), help="input size the graph takes"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="example batch traced (default 1)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch-size")
+    p.add_argument("--feature-fmt", default="NLC", choices=("NLC", "NHWC", "NCHW"), help="feature layout")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from radio import RadioModel
+    from radio.model.onnx import export_onnx
+
+    model = RadioModel.from_pretrained(args.model)
+    result = export_onnx(
+        model,
+        args.out,
+        *args.resolution,
+        batch_size=args.batch_size,
+        dynamic_batch=not args.static_batch,
+        feature_fmt=args.feature_fmt,
+        opset_version=args.opset,
+        check=not args.no_check,
+    )
+    print(f"wrote {result.path}: input pixels (B, 3, {args.resolution[0]}, {args.resolution[1]}) in [0, 1]")
+    for name in result.output_names:
+        diff = result.max_abs_diff.get(name)
+        print(f"  {name}" + ("" if diff is None else f"   max |onnxruntime - torch| = {diff:.2e}"))
+    return 0
+
+
 _TRAIN_EXAMPLES = """examples:
   radio train                                         the tiny demo (bundled images, tiny teachers, CPU)
   radio train --set data.image_dir=/data/images       your own images (recursive: jpg, png, webp)
@@ -144,6 +184,12 @@ register_subcommand(
 )
 register_subcommand(
     "export", "write a run's EMA student as a RadioModel.from_pretrained folder", _export_arguments, _export
+)
+register_subcommand(
+    "export-onnx",
+    "write a saved RadioModel as an ONNX graph at one resolution (checked with onnxruntime)",
+    _export_onnx_arguments,
+    _export_onnx,
 )
 import radio.cli_viz  # noqa: E402, F401  (registers ``radio viz``; imports nothing heavy)
 
