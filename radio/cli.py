@@ -151,17 +151,25 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from radio.model.onnx import export_onnx
 
     model = RadioModel.from_pretrained(args.model)
-    result = export_onnx(
-        model,
-        args.out,
-        *args.resolution,
-        batch_size=args.batch_size,
-        dynamic_batch=not args.static_batch,
-        feature_fmt=args.feature_fmt,
-        opset_version=args.opset,
-        check=not args.no_check,
+    try:
+        result = export_onnx(
+            model,
+            args.out,
+            *args.resolution,
+            batch_size=args.batch_size,
+            dynamic_batch=not args.static_batch,
+            feature_fmt=args.feature_fmt,
+            opset_version=args.opset,
+            check=not args.no_check,
+        )
+    except ImportError as err:  # onnxscript / onnxruntime missing: say which, no traceback
+        print(f"radio export-onnx: error: {err} (pip install -e '.[onnx]')", file=sys.stderr)
+        return 2
+    batch = "B" if not args.static_batch else str(args.batch_size)
+    print(
+        f"wrote {result.path} (opset {result.opset}): input pixels ({batch}, 3, {args.resolution[0]}, "
+        f"{args.resolution[1]}) in [0, 1]"
     )
-    print(f"wrote {result.path}: input pixels (B, 3, {args.resolution[0]}, {args.resolution[1]}) in [0, 1]")
     for name in result.output_names:
         diff = result.max_abs_diff.get(name)
         print(f"  {name}" + ("" if diff is None else f"   max |onnxruntime - torch| = {diff:.2e}"))

@@ -18,6 +18,7 @@ compares onnxruntime's outputs with PyTorch's (needs ``onnxruntime``).
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -28,16 +29,19 @@ from .model import RadioModel, _check_feature_fmt
 
 __all__ = ["OnnxExport", "export_onnx"]
 
-INPUT_NAME = "pixels"
+INPUT_NAME = "pixels"  # also the name of _Flattened.forward's argument, which dynamic_shapes is keyed by
 
 
 @dataclass
 class OnnxExport:
-    """What ``export_onnx`` wrote: the file, the output names in graph order, and the largest
+    """What ``export_onnx`` wrote: the file, the output names in graph order, whether the graph
+    normalises its input itself (False after ``make_preprocessor_external``), the opset, and the largest
     absolute difference between onnxruntime and PyTorch per output (empty without ``check``)."""
 
     path: str
     output_names: list[str]
+    normalizes_input: bool
+    opset: int
     max_abs_diff: dict[str, float]
 
 
@@ -63,16 +67,28 @@ class _Flattened(nn.Module):
         return tuple(flat)
 
 
-def _check_resolution(model: RadioModel, height: int, width: int) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_resolution(model: RadioModel, height: int, width: int) -> tuple[int, int]:
+    height, width = _positive_int("height", height), _positive_int("width", width)
     if (height, width) != tuple(model.get_nearest_supported_resolution(height, width)):
         step = model.min_resolution_step
         raise ValueError(
             f"height and width must be multiples of {step} up to {model.max_resolution}, got {height} x {width}; "
             f"nearest supported: {tuple(model.get_nearest_supported_resolution(height, width))}"
         )
+    return height, width
+
+
+def _saved_opset(path: str) -> int:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
 
 
 @torch.no_grad()
@@ -90,26 +106,44 @@ def export_onnx(
 ) -> OnnxExport:
     """Write ``model`` (eval mode, attention through SDPA) as an ONNX graph at ``height`` x ``width``.
 
-    ``batch_size``: the example batch traced (with ``dynamic_batch`` any batch runs). ``check``: run the
-    file with onnxruntime on a random batch and record the largest difference to PyTorch per output.
-    The model is left as it was (mode and attention backend restored).
+    ``batch_size``: the example batch traced; with ``dynamic_batch`` any batch runs (a batch of 1 is
+    traced as 2: the tracer would fix a size-1 axis), without it only this one. ``opset_version``:
+    None (the exporter's, 18 here) or >= 18. ``check``: run the file with onnxruntime (CPU) on a batch
+    of another size than the traced one (the same, with a fixed batch) and record the largest
+    difference to PyTorch per output; it needs a float32 model. The model is left as it was (mode
+    and attention backend restored, also when the export fails).
     """
     if not isinstance(model, RadioModel):
         raise TypeError(f"model must be a RadioModel, got {type(model).__name__}")
-    _check_resolution(model, height, width)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    height, width = _check_resolution(model, height, width)
+    batch_size = _positive_int("batch_size", batch_size)
     _check_feature_fmt("feature_fmt", feature_fmt)
-    path = os.fspath(path)
-    was_training, backend = model.training, model.config.attention_backend
+    if opset_version is not None and (
+        isinstance(opset_version, bool) or not isinstance(opset_version, numbers.Integral) or opset_version < 18
+    ):
+        raise ValueError(f"opset_version must be None or an int >= 18 (the exporter's minimum), got {opset_version!r}")
     param = next(model.parameters())
-    example = torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
-    example = example.to(param.device, param.dtype)
+    if check:
+        if param.dtype != torch.float32:
+            raise ValueError(
+                f"check=True compares with onnxruntime on the CPU, which needs a float32 model, got {param.dtype}; "
+                "export model.float() or pass check=False"
+            )
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            raise ImportError("check=True needs onnxruntime (pip install onnxruntime), or pass check=False") from err
+    path = os.fspath(path)
+    traced = max(batch_size, 2) if dynamic_batch else batch_size
+    checked = traced + 1 if dynamic_batch else traced
+    example = _pixels(traced, height, width, param, seed=0)
+    was_training, backend = model.training, model.config.attention_backend
     wrapper = _Flattened(model, feature_fmt).eval()
     try:
         model.eval()
         model.set_attention_backend("torch")
-        dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+        # Keyed by the name of the wrapper's forward argument (torch.export's convention).
+        dynamic = {"pixels": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
         program = torch.onnx.export(
             wrapper,
             (example,),
@@ -121,21 +155,31 @@ def export_onnx(
             verbose=False,
         )
         program.save(path)
-        diffs = _compare_with_onnxruntime(path, wrapper, example) if check else {}
+        opset = _saved_opset(path)
+        if opset_version is not None and opset != opset_version:
+            raise ValueError(f"opset_version {opset_version} was asked for, but the exporter wrote opset {opset}")
+        diffs = (
+            _compare_with_onnxruntime(path, wrapper, _pixels(checked, height, width, param, seed=1)) if check else {}
+        )
     finally:
         model.set_attention_backend(backend)
         model.train(was_training)
-    return OnnxExport(path, list(wrapper.names), diffs)
+    return OnnxExport(path, list(wrapper.names), not model._external_preprocessor, opset, diffs)
+
+
+def _pixels(batch: int, height: int, width: int, like: torch.Tensor, seed: int) -> torch.Tensor:
+    x = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    return x.to(like.device, like.dtype)
 
 
 def _compare_with_onnxruntime(path: str, wrapper: _Flattened, example: torch.Tensor) -> dict[str, float]:
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError("check=True needs onnxruntime (pip install onnxruntime), or pass check=False") from err
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, {INPUT_NAME: example.float().cpu().numpy()})
+    got = session.run(None, {INPUT_NAME: example.cpu().numpy()})
     want = wrapper(example)
+    if len(got) != len(want):
+        raise RuntimeError(f"onnxruntime returned {len(got)} outputs, the model {len(want)}")
     return {
         name: float((torch.from_numpy(g) - w.float().cpu()).abs().max()) for name, g, w in zip(wrapper.names, got, want)
     }
