@@ -12,8 +12,7 @@ count N = (res / 16)^2, windowed blocks O(N * w^2), so windowed latency grows fa
 Writes ``bench/results/model_<date>_<device>.{csv,md,png}``. The table and plot show the best of the
 timed runs: wall time on a GPU; on a CPU the process CPU time of a single-threaded run (``--threads 1``
 by default), which other jobs on a shared machine barely disturb. The CSV holds wall median/min and
-CPU min. A backend that is not available (a Triton kernel that has not landed raises
-NotImplementedError) is reported as n/a.
+CPU min.
 """
 
 from __future__ import annotations
@@ -85,7 +84,6 @@ def run(
         torch.manual_seed(0)  # the same weights in every variant
         models[mode] = RadioModel(RadioConfig.preset(preset, window_size=window)).eval().to(dev)
     variants = [(b, m) for b in backends for m in MODES]
-    unavailable: set[str] = set()
     rows = []
     SKIPPED.clear()
     for k, res in enumerate(resolutions):
@@ -98,15 +96,8 @@ def run(
         # One extra untimed round at the first size pays one-off costs (allocator, kernel autotuning).
         for round_ in range(warmup + repeats + (k == 0)):
             for backend, mode in variants:
-                if backend in unavailable:
-                    continue
                 models[mode].set_attention_backend(backend)
-                try:
-                    sample = time_once(models[mode], x)
-                except NotImplementedError as err:
-                    unavailable.add(backend)
-                    print(f"  {backend} unavailable: {err}", file=sys.stderr)
-                    continue
+                sample = time_once(models[mode], x)
                 if round_ >= warmup + (k == 0):
                     times[backend, mode].append(sample)
         for (backend, mode), ts in times.items():
