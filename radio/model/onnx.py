@@ -84,13 +84,6 @@ def _check_resolution(model: RadioModel, height: int, width: int) -> tuple[int, 
     return height, width
 
 
-def _saved_opset(path: str) -> int:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
-
-
 @torch.no_grad()
 def export_onnx(
     model: RadioModel,
@@ -108,9 +101,9 @@ def export_onnx(
 
     ``batch_size``: the example batch traced; with ``dynamic_batch`` any batch runs (a batch of 1 is
     traced as 2: the tracer would fix a size-1 axis), without it only this one. ``opset_version``:
-    None (the exporter's, 18 here) or >= 18. ``check``: run the file with onnxruntime (CPU) on a batch
-    of another size than the traced one (the same, with a fixed batch) and record the largest
-    difference to PyTorch per output; it needs a float32 model. The model is left as it was (mode
+    None (the exporter's default, 20 with torch 2.14) or >= 18. ``check``: run the file with
+    onnxruntime (CPU) on a batch of another size than the traced one (the same, with a fixed batch)
+    and record the largest difference to PyTorch per output; it needs a float32 model. The model is left as it was (mode
     and attention backend restored, also when the export fails).
     """
     if not isinstance(model, RadioModel):
@@ -155,7 +148,7 @@ def export_onnx(
             verbose=False,
         )
         program.save(path)
-        opset = _saved_opset(path)
+        opset = program.model.opset_imports[""]  # the default ONNX domain
         if opset_version is not None and opset != opset_version:
             raise ValueError(f"opset_version {opset_version} was asked for, but the exporter wrote opset {opset}")
         diffs = (
