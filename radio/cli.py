@@ -2,8 +2,9 @@
 
 Subcommands live in a registry: ``register_subcommand(name, help, add_arguments, run)`` adds one
 (``add_arguments(parser)`` declares its options, ``run(args) -> int`` executes it). Errors in the
-user's input (bad config key, missing folder, ...) print one clear message and exit with status 2
-(``RADIO_DEBUG=1`` shows the traceback instead).
+user's input (bad config key, missing folder, ...) print one clear message and exit with status 2;
+a run that went wrong (non-finite loss, gradient or weights) or whose directory is locked by
+another live run prints why and exits with status 1 (``RADIO_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -222,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_failures() -> tuple[type[Exception], ...]:
+    """Errors of a run that went wrong (imported only when an error is being handled)."""
+    from radio.finite import NonFiniteError
+    from radio.model.onnx import OnnxCheckError
+    from radio.train.runlock import RunLockedError
+
+    return NonFiniteError, OnnxCheckError, RunLockedError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"radio {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except _run_failures() as e:  # a run that went wrong (or is already running)
+        if os.environ.get("RADIO_DEBUG"):
+            raise
+        print(f"radio {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

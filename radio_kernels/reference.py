@@ -92,10 +92,11 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
     Each row is first divided by its (detached) largest |entry|, which leaves x / ||x|| and its
     gradient unchanged but keeps the sum of squares in [1, C]: no overflow for huge rows, no
-    underflow for tiny ones. Rows with max |x| < 2**-126 are treated as the zero vector.
+    underflow for tiny ones. Rows with max |x| < 2**-126 are treated as the zero vector; a row
+    holding a NaN or an Inf gives a NaN row (and NaN gradient), never a zero one.
     """
     a = x.detach().abs().amax(-1, keepdim=True)
-    nonzero = a >= _FLT_MIN
+    nonzero = ~(a < _FLT_MIN)  # NaN / Inf rows are not zero rows: they give NaN, value and gradient
     u = x / torch.where(nonzero, a, torch.ones_like(a))
     n2 = u.square().sum(-1, keepdim=True)
     return torch.where(nonzero, u * torch.rsqrt(torch.where(nonzero, n2, torch.ones_like(n2))), 0.0)
@@ -108,6 +109,8 @@ def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     chords are clamped at 2**-40 before the square root, and where either is clamped (parallel:
     Theta ~ 1e-6, antiparallel: Theta ~ pi) the gradient is 0 instead of 0 * inf or a direction
     made of rounding noise. A zero row is the zero vector (x^ = 0, zero gradient): Theta = pi / 2.
+    A row of x or y holding a NaN or an Inf gives Theta = NaN (and a NaN gradient row), as the
+    Triton kernel does.
     """
     x_hat, y_hat = unit_rows(x), unit_rows(y)
     minus2 = (x_hat - y_hat).square().sum(-1)

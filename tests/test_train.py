@@ -14,7 +14,7 @@ import torch
 
 from radio import RadioModel
 from radio.train import TrainConfig, export_run, train
-from radio.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from radio.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from radio.train.damp import damp_forward, damp_sigma, linear_weight_names
 from radio.train.plots import read_metrics
 
@@ -115,7 +115,7 @@ def test_resume_with_another_rank_count_continues_the_damp_stream(tmp_path):
     path = latest_checkpoint(tmp_path / "part")
     state = load_checkpoint(path)
     state["rng"]["per_rank"] = state["rng"]["per_rank"] * 2  # as if two ranks had saved it
-    torch.save(state, path)
+    atomic_save(state, path)  # rewritten with its digest, as the trainer would
     logs = []
     resumed = load_run_config(tmp_path / "part")
     resumed.run.out = str(tmp_path / "part")

@@ -359,8 +359,13 @@ class RadioModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``."""
+        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``
+        (refused, ``radio.finite.NonFiniteError``, when a weight holds NaN / Inf)."""
         from safetensors.torch import save_file
+
+        from radio.finite import check_finite
+
+        check_finite(self, f"a model to {str(directory)!r}")
 
         os.makedirs(directory, exist_ok=True)
         meta = {

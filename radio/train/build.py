@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -12,7 +13,16 @@ from radio.model import AdaptorSpec, RadioConfig, RadioModel
 from .config import OptimConfig, TrainConfig
 from .teaching import TeacherSlot
 
-__all__ = ["build_optimizer", "build_student", "lr_factor", "optimizer_step", "update_ema"]
+__all__ = [
+    "apply_step",
+    "build_optimizer",
+    "build_student",
+    "clip_gradients",
+    "lr_factor",
+    "optimizer_step",
+    "skip_step",
+    "update_ema",
+]
 
 
 def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
@@ -79,14 +89,32 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def optimizer_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, grad_clip: float, ema_decay: float):
-    """The end of every training step: clip, AdamW, zero the gradients, advance the LR, update the EMA.
+def clip_gradients(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``grad_clip`` (``<= 0``: no clipping); returns the norm before."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
 
-    Returns the gradient norm before clipping (``grad_clip <= 0`` disables clipping).
-    """
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+
+def apply_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, ema_decay: float) -> None:
+    """AdamW, zero the gradients, advance the LR, update the EMA."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     update_ema(ema, model, ema_decay)
+
+
+def skip_step(optimizer, scheduler) -> None:
+    """Drop this step's gradients; weights, AdamW moments and the EMA stay, the LR schedule advances."""
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+def optimizer_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, grad_clip: float, ema_decay: float):
+    """The end of a training step without a guard: clip, AdamW, zero the gradients, advance the LR, update the EMA.
+
+    Returns the gradient norm before clipping (``grad_clip <= 0`` disables clipping).
+    """
+    grad_norm = clip_gradients(model, grad_clip)
+    apply_step(model, ema, optimizer, scheduler, ema_decay)
     return grad_norm

@@ -156,6 +156,11 @@ class RunConfig:
     # torch intra-op CPU threads; 0 = torch's default. The tiny demo runs fastest single-threaded
     # (its ops are too small to split, and the data worker gets the other core).
     threads: int = 1
+    # A step whose loss or gradient norm is NaN / Inf is never applied. "stop": end the run (non-zero
+    # exit, naming the step and the term; the last good checkpoint stays). "skip": drop the step, count
+    # it in metrics.jsonl, and stop after max_skipped consecutive skips.
+    nonfinite: str = "stop"
+    max_skipped: int = 10
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
@@ -194,6 +199,8 @@ class TrainConfig:
         _check_positive(self.run, "run", ("steps", "log_every", "checkpoint_every", "keep_last"))
         _check_choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         _check_choice("run.amp", self.run.amp, ("auto", "bf16", "off"))
+        _check_choice("run.nonfinite", self.run.nonfinite, ("stop", "skip"))
+        _check_positive(self.run, "run", ("max_skipped",))
         if self.run.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.run.threads}")
         d = self.data

@@ -5,30 +5,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from radio.finite import check_finite
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
 from radio.normalize import PHISNormalizer, save_normalizers
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest_good
 
 __all__ = ["export_run"]
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True) -> Path:
-    """Write the latest checkpoint's EMA student (with its adaptor heads) to ``out_dir``, and each
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True, log=print) -> Path:
+    """Write the latest good checkpoint's EMA student (with its adaptor heads) to ``out_dir``, and each
     teacher's PHI-S transform (``radio.normalize.load_normalizers(out_dir)``).
+
+    Refuses (``radio.finite.NonFiniteError``) weights holding NaN / Inf.
 
     Returns the checkpoint file used.
     """
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise ValueError(
-            f"run directory {str(run_dir)!r} has no checkpoints (expected {run_dir}/checkpoints/step_*.pt)"
-        )
-    state = load_checkpoint(path)
+    # The newest checkpoint that verifies and loads; newer broken ones are reported and skipped.
+    path, state = load_latest_good(run_dir, log=log)
+    weights = "ema" if use_ema else "student"
+    check_finite({weights: state[weights], "teachers": state["teachers"]}, f"an export of {path}")
     model = RadioModel(
         RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
     )
-    model.load_state_dict(state["ema" if use_ema else "student"])
+    model.load_state_dict(state[weights])
     model.save_pretrained(out_dir)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
     # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.

@@ -16,25 +16,30 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from radio.finite import check_finite
+
 from .align import ViewPlan
-from .build import build_optimizer, build_student, lr_factor, optimizer_step
-from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, save_checkpoint
+from .build import apply_step, build_optimizer, build_student, clip_gradients, lr_factor, skip_step
+from .checkpoint import atomic_save, load_checkpoint, load_latest_good, quarantine_after, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
 from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
 from .distributed import DistInfo, all_reduce_sum, setup
 from .fidelity import fidelity_batches, measure_fidelity
+from .guard import NonFiniteError, NonFiniteGuard
 from .plots import plot_losses
+from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
 from .teaching import build_teachers, plan_all_views, plan_for
 
@@ -87,14 +92,48 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (the run died after logging them)."""
+def _truncate_metrics(path: Path, last_step: int, log=print) -> None:
+    """Drop records logged after the checkpoint we resume from (the run died after logging them),
+    and a partial last line (the run died while writing it)."""
     if not path.is_file():
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log(f"{path}: dropping a partial last line (the run was interrupted while writing it)")
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON; fix or delete that line to resume") from None
+        if record["step"] <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def _lock_run_dir(run_dir: Path, info: DistInfo, log, cleanup: ExitStack) -> RunLock | None:
+    """Rank 0 takes ``run_dir``'s lock (released when the run ends; None on other ranks); every rank
+    fails alike if it cannot."""
+    error, lock = None, None
+    if info.is_main:
+        try:
+            lock = cleanup.enter_context(RunLock(run_dir, log=log))
+        except RunLockedError as err:
+            error = str(err)
+    if info.enabled:
+        holder = [error]
+        dist.broadcast_object_list(holder, src=0)
+        error = holder[0]
+    if error is not None:
+        raise RunLockedError(error)
+    return lock
+
+
+def _quiet(*args) -> None:
+    pass
 
 
 def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -123,12 +162,13 @@ def train(
     try:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        return _train(cfg, resume, stop_after, progress, log)
+        with ExitStack() as cleanup:  # the run directory's lock, released however the run ends
+            return _train(cfg, resume, stop_after, progress, log, cleanup)
     finally:
         torch.set_num_threads(threads)  # a process-wide setting: leave it as we found it
 
 
-def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log, cleanup: ExitStack) -> dict:
     was_initialised = dist.is_available() and dist.is_initialized()
     wanted = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = setup(wanted)
@@ -141,10 +181,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
         run_dir = Path(cfg.run.out)
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is None:
-            raise ValueError(f"--resume {str(run_dir)!r}: no checkpoint found in {run_dir}/checkpoints")
-        state = load_checkpoint(ckpt_path, map_location="cpu")
+        lock = _lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
+        # The newest checkpoint that verifies and loads (newer broken ones are reported and skipped).
+        ckpt_path, state = load_latest_good(run_dir, map_location="cpu", log=log if info.is_main else _quiet)
+        if cfg.run.steps < state["step"]:
+            raise ValueError(
+                f"--steps / run.steps = {cfg.run.steps} is below the step of the checkpoint to resume from "
+                f"({state['step']}, {ckpt_path.name}); a resumed run can only go on (give --steps >= {state['step']})"
+            )
     else:
         state = None
 
@@ -162,6 +206,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if state is None:  # only now, when the config is known to work, claim a run directory
         run_dir = _fresh_run_dir(cfg.run.out, info)
         cfg.run.out = str(run_dir)
+        lock = _lock_run_dir(run_dir, info, log, cleanup)
 
     # ---------------------------------------------------------------- optimisation
     optimizer = build_optimizer(raw, cfg.optim)
@@ -172,6 +217,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     generators = {"damp": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 29)}
     amp_dtype = _amp_dtype(cfg.run.amp, device)
     accum = cfg.optim.accum_steps
+
+    guard = NonFiniteGuard(cfg.run.nonfinite, cfg.run.max_skipped, log=log if info.is_main else _quiet)
 
     # ---------------------------------------------------------------- restore or initialise
     start, skipped = 0, set()
@@ -197,8 +244,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     "global torch RNG reseeded, DAMP stream continued"
                 )
         start, skipped = state["step"], set(state["data"]["skipped"])
+        guard.load_state_dict(state.get("guard", {}))
         if info.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            quarantine_after(run_dir, start, log)
+            _truncate_metrics(run_dir / "metrics.jsonl", start, log)
             # --steps / --set given with --resume change the run: record them, so that the next
             # resume continues the same schedule.
             save_config(cfg, run_dir / "config.toml")
@@ -244,7 +293,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if info.is_main:
         log(f"run directory: {run_dir}  (steps {start} -> {stop} of {total}, device {device}, ranks {info.world_size})")
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if info.is_main else None
     last_saved = start if state is not None else -1
     step_time = time.perf_counter()
     for step in range(start, stop):
@@ -272,38 +321,39 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             for k, v in parts.items():
                 totals[k] += v / accum
         lr = scheduler.get_last_lr()[0]
-        grad_norm = optimizer_step(raw, ema, optimizer, scheduler, cfg.optim.grad_clip, cfg.loss.ema_decay)
+        done = step + 1
+        grad_norm = clip_gradients(raw, cfg.optim.grad_clip)
+
+        # ------------------------------------------------------------ the guard: apply only finite steps
+        try:
+            applied = guard.check(done, totals, grad_norm, where=_last_good(run_dir, last_saved))
+        except NonFiniteError:
+            _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard)
+            raise
+        if applied:
+            apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
+        else:
+            skip_step(optimizer, scheduler)
 
         # ------------------------------------------------------------ metrics (summed over ranks)
-        done = step + 1
-        if done % cfg.run.log_every == 0 or done == stop:
-            keys = sorted(totals)
-            values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
-            now = time.perf_counter()
-            images_per_s = accum * d.batch_size / max(now - step_time, 1e-9)
-            record = {"step": done, "lr": lr, **dict(zip(keys, values))}
-            record |= {
-                "grad_norm": float(grad_norm),
-                "damp_sigma": sigma,
-                "resolution": batch.resolution,
-                "images_per_s": images_per_s,
-                "skipped_images": len(skipped),
-            }
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}", res=batch.resolution)
+        if done % cfg.run.log_every == 0 or done == stop or not applied:
+            record = _log_record(
+                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
+            )
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution)
         step_time = time.perf_counter()
         bar.update(1)
+        if lock is not None:
+            lock.heartbeat()
 
         if done % cfg.run.checkpoint_every == 0 or done == stop:
-            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
             last_saved = done
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
-        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
 
     # ---------------------------------------------------------------- the end: plots, fidelity
     result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
@@ -319,8 +369,36 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     return result
 
 
-def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info) -> None:
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard) -> dict:
+    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN)."""
+    keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
+    values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
+    images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
+    record = {"step": done, "lr": lr, **dict(zip(keys, values))}
+    record |= {
+        "grad_norm": float(grad_norm),
+        "damp_sigma": sigma,
+        "resolution": batch.resolution,
+        "images_per_s": images_per_s,
+        "skipped_images": len(skipped),
+        "skipped_steps": guard.skipped_steps,
+    }
+    if not all(math.isfinite(v) for v in values) or not math.isfinite(record["grad_norm"]):
+        record["applied"] = False
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    return record
+
+
+def _last_good(run_dir: Path, last_saved: int) -> str:
+    if last_saved < 0:
+        return "; no checkpoint had been written yet"
+    return f"; the last good checkpoint is {run_dir}/checkpoints/step_{last_saved:08d}.pt"
+
+
+def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard) -> None:
+    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically (finite weights only)."""
     rng = _rng_state(generators)
     per_rank = [rng]
     if info.enabled:
@@ -343,7 +421,9 @@ def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, gener
         "teachers": {name: slot.state() for name, slot in slots.items()},
         "rng": {"per_rank": per_rank},
         "data": {"skipped": sorted(skipped)},
+        "guard": guard.state_dict(),
     }
+    check_finite({k: state[k] for k in ("student", "ema", "optimizer", "teachers")}, f"the checkpoint of step {step}")
     save_checkpoint(run_dir, step, state, cfg.run.keep_last)
 
 

@@ -88,7 +88,10 @@ def teacher_targets(
         features = out.features.float()
         if update:
             slot.normalizer.update(features, advance=advance)
-        y = slot.normalizer(features)
+        if slot.normalizer.fitted:
+            y = slot.normalizer(features)
+        else:  # every row so far was NaN / Inf: no transform yet, and the guard reports this teacher
+            y = torch.full_like(features, float("nan"))
         shift = teacher_shift(student_origin, batch.origins[name], patch)
         if plan.follows_student:
             shift = torch.zeros_like(shift)
@@ -164,6 +167,8 @@ def micro_step_losses(
         else:
             summary = torch.zeros((), device=device)
         contributions[f"loss/{name}/spatial"] = spatial.detach()
+        # For the non-finite guard's message (not logged): did this teacher's own output hold NaN / Inf?
+        contributions[f"nonfinite/teacher/{name}"] = (~torch.isfinite(target.raw)).any().float()
         contributions[f"loss/{name}/summary"] = summary.detach()
         objective = objective + slot.cfg.spatial_weight * spatial + slot.cfg.summary_weight * summary
     mesa = mesa_loss(out["backbone"].features, ema_features, ema_shift, backend=backend) * share[-1]
