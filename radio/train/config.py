@@ -81,6 +81,9 @@ class StudentConfig:
     # dropout). Off = the student runs its CPE as at inference (an ablation). Either way DDP matches
     # one process: each sample's crop comes from its own seed (Batch.cpe_uniforms).
     cpe_augmentation: bool = True
+    # Recompute each block's activations in backward (memory for compute); works with DAMP, whose
+    # noise is replayed exactly in the recomputation.
+    grad_checkpointing: bool = False
 
 
 @dataclass

@@ -196,6 +196,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     torch.manual_seed(cfg.run.seed)  # student initialisation
     slots = build_teachers(cfg, device)
     raw = build_student(cfg, slots).to(device)
+    raw.set_grad_checkpointing(cfg.student.grad_checkpointing)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     plans, geometry = plan_all_views(cfg, slots, raw.patch_size, raw.min_resolution_step)
     if cfg.fidelity.enabled and cfg.fidelity.resolution % raw.min_resolution_step:
@@ -316,6 +317,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     damp_generator=generators["damp"],
                     world_size=info.world_size,
                     first_micro=micro == 0,
+                    rank=info.rank,
                 )
                 (objective / accum).backward()
             for k, v in parts.items():

@@ -115,6 +115,7 @@ def micro_step_losses(
     damp_generator: torch.Generator | None,
     world_size: int = 1,
     first_micro: bool = True,
+    rank: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch.
 
@@ -134,6 +135,7 @@ def micro_step_losses(
             sigma,
             damp_generator,
             x_student,
+            rank=rank,  # DAMP noise is independent per rank
             feature_fmt="NHWC",
             cpe_uniforms=batch.cpe_uniforms.to(device, non_blocking=True),
         )
