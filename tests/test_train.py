@@ -147,7 +147,7 @@ def test_export_round_trip(tmp_path):
     y = torch.randn(5, 32)
     torch.testing.assert_close(phis["dinov3"].inverse(y), trained.inverse(y))
     torch.testing.assert_close(phis["dinov3"](phis["dinov3"].inverse(y)), y)
-    with pytest.raises(ValueError, match="no checkpoints"):
+    with pytest.raises(ValueError, match="no checkpoint found"):
         export_run(tmp_path / "nowhere", tmp_path / "model2")
     with pytest.raises(ValueError, match="teacher_normalizers"):
         load_normalizers(tmp_path / "nowhere")

@@ -81,7 +81,14 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied.
+
+    Under FSDP2 both are sharded alike, and the lerp is per shard (after resharding any parameters a
+    forward left gathered, e.g. the root's).
+    """
+    for m in (ema, model):
+        if hasattr(m, "reshard"):  # an FSDP2 module
+            m.reshard()
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)

@@ -164,6 +164,9 @@ class RunConfig:
     # it in metrics.jsonl, and stop after max_skipped consecutive skips.
     nonfinite: str = "stop"
     max_skipped: int = 10
+    # "ddp": replicated student, one checkpoint file. "fsdp": FSDP2-sharded student, EMA and AdamW
+    # moments, sharded checkpoints (torch.distributed.checkpoint) resumable at another world size.
+    parallel: str = "ddp"
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
@@ -203,6 +206,7 @@ class TrainConfig:
         _check_choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         _check_choice("run.amp", self.run.amp, ("auto", "bf16", "off"))
         _check_choice("run.nonfinite", self.run.nonfinite, ("stop", "skip"))
+        _check_choice("run.parallel", self.run.parallel, ("ddp", "fsdp"))
         _check_positive(self.run, "run", ("max_skipped",))
         if self.run.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.run.threads}")

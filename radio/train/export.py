@@ -9,7 +9,7 @@ from radio.finite import check_finite
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
 from radio.normalize import PHISNormalizer, save_normalizers
 
-from .checkpoint import load_latest_good
+from .checkpoint import load_latest_good, load_sharded_tensors
 
 __all__ = ["export_run"]
 
@@ -25,10 +25,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
     # The newest checkpoint that verifies and loads; newer broken ones are reported and skipped.
     path, state = load_latest_good(run_dir, log=log)
     weights = "ema" if use_ema else "student"
-    check_finite({weights: state[weights], "teachers": state["teachers"]}, f"an export of {path}")
     model = RadioModel(
         RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
     )
+    if "sharded" in state:  # a run.parallel = "fsdp" checkpoint: gather the shards in this one process
+        state[weights] = load_sharded_tensors(state["sharded"], {weights: model.state_dict()})[weights]
+    check_finite({weights: state[weights], "teachers": state["teachers"]}, f"an export of {path}")
     model.load_state_dict(state[weights])
     model.save_pretrained(out_dir)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that

@@ -20,24 +20,33 @@ import math
 import os
 import time
 from collections import defaultdict
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from radio.finite import check_finite
+from radio.finite import nonfinite_entries
+from radio.model import RadioModel
 
 from .align import ViewPlan
 from .build import apply_step, build_optimizer, build_student, clip_gradients, lr_factor, skip_step
-from .checkpoint import atomic_save, load_checkpoint, load_latest_good, quarantine_after, save_checkpoint
+from .checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    load_latest_good,
+    quarantine_after,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import TrainConfig, config_to_dict, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
 from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
 from .distributed import DistInfo, all_reduce_sum, setup
 from .fidelity import fidelity_batches, measure_fidelity
 from .guard import NonFiniteError, NonFiniteGuard
+from .parallel import Parallel
 from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
@@ -182,8 +191,13 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if resume:
         run_dir = Path(cfg.run.out)
         lock = _lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
-        # The newest checkpoint that verifies and loads (newer broken ones are reported and skipped).
-        ckpt_path, state = load_latest_good(run_dir, map_location="cpu", log=log if info.is_main else _quiet)
+        ckpt_path, state = _resume_point(run_dir, info, log)
+        saved_parallel = state["config"]["run"].get("parallel", "ddp")
+        if saved_parallel != cfg.run.parallel:
+            raise ValueError(
+                f"run.parallel = {cfg.run.parallel!r}, but the run was trained with {saved_parallel!r} "
+                f"({ckpt_path.name}); resume it with --set run.parallel={saved_parallel}"
+            )
         if cfg.run.steps < state["step"]:
             raise ValueError(
                 f"--steps / run.steps = {cfg.run.steps} is below the step of the checkpoint to resume from "
@@ -209,7 +223,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         cfg.run.out = str(run_dir)
         lock = _lock_run_dir(run_dir, info, log, cleanup)
 
-    # ---------------------------------------------------------------- optimisation
+    if state is None and info.is_main:
+        save_config(cfg, run_dir / "config.toml")
+        if cfg.fidelity.enabled:
+            atomic_save(raw.state_dict(), run_dir / "checkpoints" / INITIAL_WEIGHTS)
+
+    # ---------------------------------------------------------------- parallelism and optimisation
+    parallel = Parallel(cfg.run.parallel, info, device)
+    student = parallel.wrap(raw, ema)  # before the optimizer: FSDP replaces the parameters
     optimizer = build_optimizer(raw, cfg.optim)
     total = cfg.run.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
@@ -224,9 +245,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     # ---------------------------------------------------------------- restore or initialise
     start, skipped = 0, set()
     if state is not None:
-        raw.load_state_dict(state["student"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_states(raw, ema, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         for name, slot in slots.items():
             slot.load_state(state["teachers"][name])
@@ -252,18 +271,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             # --steps / --set given with --resume change the run: record them, so that the next
             # resume continues the same schedule.
             save_config(cfg, run_dir / "config.toml")
-    elif info.is_main:
-        save_config(cfg, run_dir / "config.toml")
-        if cfg.fidelity.enabled:
-            atomic_save(raw.state_dict(), run_dir / "checkpoints" / INITIAL_WEIGHTS)
 
     stop = total if stop_after is None else min(total, stop_after)
-    ddp = None
-    student = raw
-    if info.enabled:
-        student = ddp = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None
-        )
     if cfg.run.compile:
         student = torch.compile(student)
     raw.train()
@@ -303,8 +312,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         for micro in range(accum):
             batch = next(batches)
             skipped.update(batch.skipped)
-            no_sync = info.enabled and micro < accum - 1
-            with ddp.no_sync() if no_sync else nullcontext():
+            with parallel.sync(student, raw, last_micro=micro == accum - 1):
                 objective, parts = micro_step_losses(
                     batch,
                     models,
@@ -324,7 +332,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                 totals[k] += v / accum
         lr = scheduler.get_last_lr()[0]
         done = step + 1
-        grad_norm = clip_gradients(raw, cfg.optim.grad_clip)
+        grad_norm = parallel.grad_norm(clip_gradients(raw, cfg.optim.grad_clip))
 
         # ------------------------------------------------------------ the guard: apply only finite steps
         try:
@@ -349,22 +357,29 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             lock.heartbeat()
 
         if done % cfg.run.checkpoint_every == 0 or done == stop:
-            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
+            _checkpoint(
+                run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+            )
             last_saved = done
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
-        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
+        _checkpoint(
+            run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+        )
 
     # ---------------------------------------------------------------- the end: plots, fidelity
     result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
+    measure = stop == total and cfg.fidelity.enabled
+    if measure:
+        final, final_ema = _plain_models(parallel, raw, ema)  # a collective under FSDP
     if info.is_main:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         if skipped:
             log(f"skipped {len(skipped)} unreadable or too small image(s)")
-        if stop == total and cfg.fidelity.enabled:
-            result["fidelity"] = _fidelity(cfg, run_dir, raw, ema, slots, held_images, device, log)
+        if measure:
+            result["fidelity"] = _fidelity(cfg, run_dir, final, final_ema, slots, held_images, device, log)
         log(f"done in {time.perf_counter() - started:.1f} s: {run_dir}")
     if info.enabled and not was_initialised:
         dist.destroy_process_group()
@@ -399,8 +414,11 @@ def _last_good(run_dir: Path, last_saved: int) -> str:
     return f"; the last good checkpoint is {run_dir}/checkpoints/step_{last_saved:08d}.pt"
 
 
-def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard) -> None:
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically (finite weights only)."""
+def _checkpoint(
+    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+) -> None:
+    """Gather every rank's RNG state, then write the checkpoint (finite weights only): rank 0 alone
+    (``ddp``), or every rank its shards (``fsdp``). Collective."""
     rng = _rng_state(generators)
     per_rank = [rng]
     if info.enabled:
@@ -409,24 +427,64 @@ def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, gener
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, sorted(skipped))
         skipped = set().union(*gathered)
-    if not info.is_main:
-        return
-    state = {
+    tensors = parallel.states(raw, ema, optimizer)  # a collective under FSDP
+    meta = {
         "step": step,
         "config": config_to_dict(cfg),
         "model_config": raw.config.to_dict(),
         "adaptors": [spec.to_dict() for spec in raw.adaptor_specs],
-        "student": raw.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "teachers": {name: slot.state() for name, slot in slots.items()},
         "rng": {"per_rank": per_rank},
         "data": {"skipped": sorted(skipped)},
         "guard": guard.state_dict(),
     }
-    check_finite({k: state[k] for k in ("student", "ema", "optimizer", "teachers")}, f"the checkpoint of step {step}")
-    save_checkpoint(run_dir, step, state, cfg.run.keep_last)
+    # Every rank checks its own shards; all refuse together if any found a NaN / Inf.
+    bad = nonfinite_entries({**parallel.local_tensors(tensors), "teachers": meta["teachers"]})
+    if all_reduce_sum(torch.tensor([float(len(bad))], device=parallel.device)).item() > 0:
+        where = ", ".join(bad[:5]) if bad else "tensors of another rank"
+        raise NonFiniteError(f"refusing to write the checkpoint of step {step}: non-finite values in {where}")
+    if parallel.sharded:
+        barrier = dist.barrier if info.enabled else (lambda: None)
+        save_sharded_checkpoint(run_dir, step, tensors, meta, cfg.run.keep_last, info.is_main, barrier)
+    elif info.is_main:
+        save_checkpoint(run_dir, step, {**meta, **tensors}, cfg.run.keep_last)
+
+
+def _plain_models(parallel: Parallel, raw, ema):
+    """(student, EMA) that rank 0 can run alone: themselves, or unsharded copies under multi-rank FSDP."""
+    if not (parallel.sharded and parallel.info.enabled):
+        return raw, ema
+    copies = []
+    for module in (raw, ema):
+        state = parallel.full_model_state(module)
+        if state is None:
+            copies.append(None)
+            continue
+        plain = RadioModel(raw.config, raw.adaptor_specs).to(parallel.device)
+        plain.load_state_dict(state)
+        copies.append(plain.train(module.training))
+    return tuple(copies)
+
+
+def _resume_point(run_dir: Path, info: DistInfo, log) -> tuple[Path, dict]:
+    """The newest good checkpoint: rank 0 verifies (newer broken ones are reported and skipped) and
+    tells the others which one to load."""
+    found: list = [None]
+    if info.is_main:
+        try:
+            path, state = load_latest_good(run_dir, map_location="cpu", log=log)
+            found = [str(path)]
+        except ValueError as err:  # also CorruptCheckpointError
+            found = [err]
+    if info.enabled:
+        dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], Exception):
+        raise found[0]
+    if not info.is_main:
+        path = Path(found[0])
+        state = load_checkpoint(path, map_location="cpu", verify=False)
+    return path, state
 
 
 def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: ImageSource, device, log) -> dict:
