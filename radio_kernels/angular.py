@@ -6,6 +6,9 @@ Math (x, y (B, C); x^ = x / ||x||, a zero row has x^ = 0)::
     loss        = mean_b Theta(x_b, y_b)^2 / dispersion
     Disp(y)     = E_b[Theta(y_b, mu)^2],  mu = E_b[y_b] / ||E_b[y_b]||
 
+A row of x or y holding Inf or NaN gives Theta = NaN (the loss is NaN) and a NaN gradient row, on
+both backends: a diverged input is reported, never turned into a finite loss.
+
 Dividing by the teacher's dispersion balances teachers whose summaries spread very
 differently on the sphere (C-RADIOv4: SigLIP2 0.694, DINOv3 2.186).
 
@@ -24,6 +27,8 @@ stores the gradient of sum_b Theta_b^2; backward scales it by grad_output / (B *
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -99,11 +104,13 @@ def _angular_fwd_kernel(
     max_y = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssq_x = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssq_y = tl.zeros([BLOCK_R], dtype=tl.float32)
+    poison = tl.zeros([BLOCK_R], dtype=tl.float32)  # NaN once a row has met an Inf or NaN
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
         mask = row_ok[:, None] & (cols < C)
         x = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask)
         y = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask)
+        poison += tl.sum(x * 0.0 + y * 0.0, axis=1)
         new_max_x = tl.maximum(max_x, tl.max(tl.abs(x), axis=1))
         new_max_y = tl.maximum(max_y, tl.max(tl.abs(y), axis=1))
         inv_x = _reciprocal_or_zero(new_max_x, new_max_x > 0)
@@ -147,6 +154,10 @@ def _angular_fwd_kernel(
     live = (sum_ee > CHORD_TINY) & (sum_ff > CHORD_TINY)
     k_m = tl.where(live, 4.0 * theta * p / (m * denom), 0.0)
     k_p = tl.where(live, 4.0 * theta * m / (p * denom), 0.0)
+    # A row holding Inf or NaN (poison = sum of x * 0 + y * 0 is NaN): Theta and every gradient entry
+    # of the row are NaN, as in reference.angular_loss (a diverged input must not look like a loss).
+    theta = theta + poison
+    k_m = k_m + poison
     tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, theta * theta, 0.0), axis=0))
 
     # Sweep 3: dTheta^2/dx = (k_m (e - x^ (x^.e)) - k_p (f - x^ (x^.f))) / ||x||  (0 on zero rows).
@@ -209,11 +220,11 @@ def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
         if dispersion.device != device:
             raise ValueError(f"dispersion must be on {device} like x and y, got a tensor on {dispersion.device}")
         disp = dispersion.reshape(()).to(dtype=torch.float32)
-        if not torch.compiler.is_compiling() and not disp.is_cuda and not bool(disp > 0):
-            raise ValueError(f"dispersion must be > 0, got {disp.item()}")
+        if not torch.compiler.is_compiling() and not disp.is_cuda and not bool((disp > 0) & disp.isfinite()):
+            raise ValueError(f"dispersion must be finite and > 0, got {disp.item()}")
         return disp
-    if not isinstance(dispersion, (int, float)) or not dispersion > 0:
-        raise ValueError(f"dispersion must be a float > 0, got {dispersion!r}")
+    if isinstance(dispersion, bool) or not isinstance(dispersion, (int, float)) or not 0 < dispersion < math.inf:
+        raise ValueError(f"dispersion must be a finite float > 0, got {dispersion!r}")
     return torch.tensor(float(dispersion), device=device)
 
 
@@ -225,6 +236,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
         raise ValueError(f"x and y must have equal shapes (B, C), got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise ValueError("x and y must hold at least one row (B >= 1) for the mean over rows")
+    if x.shape[1] == 0:
+        raise ValueError("x and y must hold at least one channel (C >= 1): a direction needs one")
     device = check_same_device(x=x, y=y)
     disp = _check_dispersion(dispersion, device)
     if resolve_backend(backend, device) == "torch":
@@ -236,6 +249,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
 def angular_dispersion(y: torch.Tensor) -> torch.Tensor:
     """E_b[Theta(y_b, mu)^2] with mu the normalised mean of the rows of ``y`` (B, C)."""
     check_tensor("y", y, ndim=2)
+    if y.shape[0] == 0 or y.shape[1] == 0:
+        raise ValueError(f"y must hold at least one row and one channel, got shape {tuple(y.shape)}")
     return reference.angular_dispersion(y.detach()).float()
 
 

@@ -19,6 +19,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
 
     Returns the checkpoint file used.
     """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {str(out_dir)!r} is an existing file; export writes a folder (give a new name)")
     path = latest_checkpoint(run_dir)
     if path is None:
         raise ValueError(
