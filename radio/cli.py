@@ -78,7 +78,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from radio.train import TrainConfig, apply_overrides, load_config, load_run_config, train, valid_keys
-    from radio.train.config import to_toml
+    from radio.train.config import check_runtime, to_toml
 
     if args.list_keys:
         print("\n".join(valid_keys()))
@@ -103,6 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    check_runtime(cfg)  # device and kernel backend, before a run directory exists
     result = train(cfg, resume=bool(args.resume), stop_after=args.stop_after, progress=not args.no_progress)
     fidelity = result.get("fidelity")
     if fidelity and not fidelity.get("improved", True):

@@ -11,12 +11,16 @@ what the tiny demo trains against) or ``KIND=NAME_OR_PATH`` (a checkpoint, ``loa
 from __future__ import annotations
 
 import argparse
+import os
 
 from radio.cli import register_subcommand
 
 __all__ = ["parse_teacher_spec"]
 
 KINDS = ("siglip2", "dinov3", "sam3")
+# Each network sees the image at about --size on its long side; beyond this, global attention over
+# (size / patch)^2 tokens needs tens of GB (100000 px would ask for ~80 GB).
+MAX_SIZE = 2048
 
 
 def parse_teacher_spec(item: str) -> tuple[str, str | None]:
@@ -40,7 +44,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         metavar="KIND[=PATH]",
         help="teachers to show: siglip2, dinov3, sam3 (tiny, random) or KIND=NAME_OR_PATH (checkpoint)",
     )
-    p.add_argument("--size", type=int, default=256, help="long side in pixels each network sees (default 256)")
+    p.add_argument(
+        "--size", type=int, default=256, help=f"long side in pixels each network sees (default 256, at most {MAX_SIZE})"
+    )
     p.add_argument("--columns", type=int, default=4, help="panels per row (default 4)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the picture")
 
@@ -52,6 +58,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.size <= 0 or args.columns <= 0:
         raise ValueError(f"--size and --columns must be positive, got {args.size} and {args.columns}")
+    if args.size > MAX_SIZE:
+        raise ValueError(f"--size must be at most {MAX_SIZE} (pixels on the long side), got {args.size}")
+    if os.path.isdir(args.out) or not os.path.splitext(args.out)[1]:
+        raise ValueError(f"--out must be an image file name such as picture.png, got {args.out!r}")
     specs = [parse_teacher_spec(item) for item in args.teachers]
     if args.model is None and not specs:
         raise ValueError("nothing to show: give --model DIR, --teachers ..., or both")

@@ -104,6 +104,8 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except UnidentifiedImageError as e:
         raise ValueError(f"image {str(path)!r} is not a readable image file") from e
+    except (OSError, SyntaxError) as e:  # a truncated or corrupt file decodes partway, then fails
+        raise ValueError(f"image {str(path)!r} could not be decoded (truncated or corrupt?): {e}") from e
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

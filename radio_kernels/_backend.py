@@ -21,6 +21,28 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton decides at decoration time whether a @triton.jit kernel is interpreted: the kernels are
+# defined right after this module is imported, so this is the mode they were built in.
+INTERPRETER_AT_IMPORT = interpreter_enabled()
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else why not (for error messages)."""
+    if device.type == "cuda":
+        return None
+    if INTERPRETER_AT_IMPORT:
+        return None if device.type == "cpu" else f"the Triton interpreter runs on CPU tensors, got {device.type!r}"
+    if interpreter_enabled():
+        return (
+            "TRITON_INTERPRET=1 was set after radio_kernels was imported, so its kernels were built for a GPU; "
+            "set TRITON_INTERPRET=1 before importing radio_kernels (e.g. in the shell), or use backend='torch'"
+        )
+    return (
+        f"backend='triton' needs CUDA tensors, got tensors on {device.type!r}; set TRITON_INTERPRET=1 "
+        "before importing radio_kernels to run the kernels on CPU, or use backend='torch'"
+    )
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return ``"triton"`` or ``"torch"`` for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -33,11 +55,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend = override
         else:
             backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got tensors on {device.type!r}; set TRITON_INTERPRET=1 "
-            "before importing radio_kernels to run the kernels on CPU, or use backend='torch'"
-        )
+    if backend == "triton" and (reason := triton_unavailable_reason(device)):
+        raise ValueError(reason)
     return backend
 
 

@@ -22,6 +22,8 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     if any(d != first for d in devices.values()):
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
+    if first.type == "meta":  # no data to compute on (and value checks cannot read it)
+        raise ValueError(f"{', '.join(devices)} are on the meta device, which holds no data; use CPU or CUDA tensors")
     return first
 
 
@@ -45,6 +47,8 @@ def check_feature_pair(student, target, student_name: str, target_name: str, sam
             f"{student_name} (B, H, W, C) and {target_name} must share B and C, got "
             f"{tuple(student.shape)} and {tuple(target.shape)}"
         )
+    if student.shape[-1] == 0:
+        raise ValueError(f"{student_name} and {target_name} need C >= 1 channels, got shape {tuple(student.shape)}")
     if same_shape and student.shape != target.shape:
         raise ValueError(
             f"{student_name} and {target_name} must have equal shapes when shift is None, got "

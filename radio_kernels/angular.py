@@ -1,7 +1,8 @@
 """Balanced (angular) summary loss, the angular dispersion and its running estimate.
 
 Math (x, y (B, C); x^ = x / ||x||, a zero row has x^ = 0; a row of x or y holding a NaN or an
-Inf gives Theta = NaN and a NaN gradient row, on both backends)::
+Inf gives Theta = NaN and a NaN gradient row, on both backends: a diverged input is reported,
+never turned into a finite loss)::
 
     Theta(x, y) = 2 atan2(||x^ - y^||, ||x^ + y^||)       in [0, pi], stable at 0 and pi
     loss        = mean_b Theta(x_b, y_b)^2 / dispersion
@@ -25,6 +26,8 @@ stores the gradient of sum_b Theta_b^2; backward scales it by grad_output / (B *
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -220,11 +223,11 @@ def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
         if dispersion.device != device:
             raise ValueError(f"dispersion must be on {device} like x and y, got a tensor on {dispersion.device}")
         disp = dispersion.reshape(()).to(dtype=torch.float32)
-        if not torch.compiler.is_compiling() and not disp.is_cuda and not bool(disp > 0):
-            raise ValueError(f"dispersion must be > 0, got {disp.item()}")
+        if not torch.compiler.is_compiling() and not disp.is_cuda and not bool((disp > 0) & disp.isfinite()):
+            raise ValueError(f"dispersion must be finite and > 0, got {disp.item()}")
         return disp
-    if not isinstance(dispersion, (int, float)) or not dispersion > 0:
-        raise ValueError(f"dispersion must be a float > 0, got {dispersion!r}")
+    if isinstance(dispersion, bool) or not isinstance(dispersion, (int, float)) or not 0 < dispersion < math.inf:
+        raise ValueError(f"dispersion must be a finite float > 0, got {dispersion!r}")
     return torch.tensor(float(dispersion), device=device)
 
 
@@ -236,6 +239,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
         raise ValueError(f"x and y must have equal shapes (B, C), got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise ValueError("x and y must hold at least one row (B >= 1) for the mean over rows")
+    if x.shape[1] == 0:
+        raise ValueError("x and y must hold at least one channel (C >= 1): a direction needs one")
     device = check_same_device(x=x, y=y)
     disp = _check_dispersion(dispersion, device)
     if resolve_backend(backend, device) == "torch":
@@ -247,6 +252,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
 def angular_dispersion(y: torch.Tensor) -> torch.Tensor:
     """E_b[Theta(y_b, mu)^2] with mu the normalised mean of the rows of ``y`` (B, C)."""
     check_tensor("y", y, ndim=2)
+    if y.shape[0] == 0 or y.shape[1] == 0:
+        raise ValueError(f"y must hold at least one row and one channel, got shape {tuple(y.shape)}")
     return reference.angular_dispersion(y.detach()).float()
 
 

@@ -53,18 +53,27 @@ def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) ->
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
+    if q.shape[-1] == 0:
+        raise ValueError(f"q, k and v need a head dim D >= 1, got shape {tuple(q.shape)}")
     n = q.shape[2]
-    if not isinstance(num_prefix, int) or num_prefix < 0 or num_prefix > n:
+    # bool is an int subclass: True would silently mean one token per window.
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int):
+        raise TypeError(f"num_prefix must be an int, got {type(num_prefix).__name__} {num_prefix!r}")
+    if isinstance(window_tokens, bool) or not isinstance(window_tokens, int):
+        raise TypeError(f"window_tokens must be an int, got {type(window_tokens).__name__} {window_tokens!r}")
+    if num_prefix < 0 or num_prefix > n:
         raise ValueError(f"num_prefix must be an int in [0, N={n}], got {num_prefix!r}")
-    if not isinstance(window_tokens, int) or window_tokens < 0:
+    if window_tokens < 0:
         raise ValueError(f"window_tokens must be an int >= 0, got {window_tokens!r}")
     if window_tokens and (n - num_prefix) % window_tokens:
         raise ValueError(
             f"N - num_prefix must be a multiple of window_tokens, got N={n}, num_prefix={num_prefix}, "
             f"window_tokens={window_tokens}"
         )
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf
+    ):
+        raise ValueError(f"scale must be a finite positive float or None, got {scale!r}")
 
 
 def triton_supports(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:

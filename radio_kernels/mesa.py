@@ -20,6 +20,8 @@ by ``grad_output / N``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -184,8 +186,8 @@ def mesa_loss(
     device = check_same_device(student=student, ema=ema)
     if shift is not None:
         shift = check_shift(shift, student.shape[0], device)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if resolve_backend(backend, device) == "torch":
         return reference.mesa_loss(student, ema.detach(), shift, eps=eps).float()
     if shift is None:

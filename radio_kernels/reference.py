@@ -20,6 +20,7 @@ mesa_loss
 angular_loss
     mean_b Theta(x_b, y_b)^2 / dispersion, Theta in [0, pi] the angle between the vectors,
     computed as 2 * atan2(||x^ - y^||, ||x^ + y^||) on unit vectors (stable at 0 and pi).
+    Rows holding Inf or NaN (in x or y) give Theta = NaN and NaN gradient rows, on both backends.
 attention
     softmax(q k^T * scale) v with the window / prefix visibility of ``attention_mask``.
 """
@@ -56,6 +57,8 @@ def shifted_mse(student: torch.Tensor, target: torch.Tensor, shift: torch.Tensor
     dtype = _math_dtype(student, target)
     B, Hs, Ws, C = student.shape
     _, Ht, Wt, _ = target.shape
+    if Ht == 0 or Wt == 0:  # no target cell: nothing overlaps (0 with a zero gradient, like the kernel)
+        return student.to(dtype).flatten()[:0].sum()
     shift = shift.to(device=student.device, dtype=torch.long)
     dy, dx = shift[:, 0], shift[:, 1]
     rows = torch.arange(Hs, device=student.device)[None, :] + dy[:, None]  # (B, Hs) target row
@@ -122,8 +125,10 @@ def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion: torch.Tensor | float) -> torch.Tensor:
+    """A row of x or y holding Inf or NaN has Theta = NaN (so the loss is NaN: a diverged input is
+    never hidden) and a NaN gradient row; the other rows' gradients are unaffected."""
     dtype = _math_dtype(x, y)
-    theta = angle(x.to(dtype), y.detach().to(dtype))
+    theta = angle(x.to(dtype), y.detach().to(dtype))  # NaN rows stay NaN: see unit_rows
     return theta.square().mean() / torch.as_tensor(dispersion, dtype=dtype, device=x.device)
 
 

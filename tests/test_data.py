@@ -145,7 +145,9 @@ def test_unreadable_and_tiny_images_are_skipped_and_counted(tmp_path):
 
 def test_all_images_unreadable_is_a_clear_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"garbage")
-    dataset = _dataset(ImageSource.from_config(str(tmp_path)))
+    with pytest.raises(ValueError, match="none of its 1 image files is usable"):
+        ImageSource.from_config(str(tmp_path))  # the trainer's first check
+    dataset = _dataset(ImageSource([tmp_path / "a.png"], bundled=False))  # the dataset's own defence
     spec = StepSampler(1, 1, [64], [], 0.0, 0, 0, 1).specs(0)[0]
     with pytest.raises(RuntimeError, match="none of the 1 images could be read"):
         dataset[spec]

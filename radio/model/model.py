@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -37,6 +38,10 @@ FEATURE_FORMATS = ("NLC", "NCHW", "NHWC")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREFERRED_RESOLUTION = 512
+# The pixel-range warning looks at the first few batches only, and tolerates values this far out
+# of [0, 1] (resampling overshoot); 0-255 pixels or normalised (mean 0, std 1) ones are far beyond.
+PIXEL_RANGE_CHECKS = 8
+PIXEL_RANGE_SLACK = 0.5
 
 
 class RadioOutput(NamedTuple):
@@ -202,6 +207,9 @@ class RadioModel(nn.Module):
             raise ValueError(f"x must have shape (B, 3, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+        weight = self.patch_embed.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}; move one to the other")
         H, W = x.shape[-2:]
         step = self.min_resolution_step
         nearest = self.get_nearest_supported_resolution(H, W)
@@ -218,10 +226,34 @@ class RadioModel(nn.Module):
         return H // self.patch_size, W // self.patch_size
 
     # ------------------------------------------------------------------ trunk
+    def _check_pixel_range(self, x: torch.Tensor) -> None:
+        """Warn (once per model) when x is far outside [0, 1]: 0-255 pixels, or already normalised
+        ones, still run but give meaningless features. Only the first calls are looked at (each look
+        waits for the device), never while compiling or exporting."""
+        left = getattr(self, "_pixel_range_checks_left", PIXEL_RANGE_CHECKS)
+        if left <= 0 or self._external_preprocessor or x.numel() == 0:
+            return
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return
+        self._pixel_range_checks_left = left - 1
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if lo < -PIXEL_RANGE_SLACK or hi > 1 + PIXEL_RANGE_SLACK:
+            self._pixel_range_checks_left = 0
+            warnings.warn(
+                f"RadioModel expects pixels in [0, 1] (it normalises them itself), got values in [{lo:.3g}, {hi:.3g}]; "
+                "divide 0-255 images by 255, and do not normalise them beforehand (see make_preprocessor_external)",
+                UserWarning,
+                stacklevel=5,
+            )
+
     def _embed(
         self, x: torch.Tensor, generator: torch.Generator | None = None, cpe_uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.check_input(x)
+        self._check_pixel_range(x)
+        weight_dtype = self.patch_embed.proj.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)  # documented in forward: x follows the model's dtype (float64 pixels work)
         if not self._external_preprocessor:
             x = self.input_norm(x)
         tokens = self.cpe(self.patch_embed(x), grid, generator, cpe_uniforms)
@@ -292,6 +324,9 @@ class RadioModel(nn.Module):
         cpe_uniforms: torch.Tensor | None = None,
     ):
         """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
+
+        x of another float dtype than the model's is cast to the model's (outside autocast); x on
+        another device raises. Values far outside [0, 1] (0-255 pixels) give a one-time warning.
 
         Training-time CPE randomness (table crop and position dropout per sample, radio.model.cpe):
         ``cpe_uniforms`` (B, 5) float U(0, 1) draws, columns (side scale, aspect, offset x, offset y,

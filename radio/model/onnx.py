@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numbers
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,10 @@ def export_onnx(
         isinstance(opset_version, bool) or not isinstance(opset_version, numbers.Integral) or opset_version < 18
     ):
         raise ValueError(f"opset_version must be None or an int >= 18 (the exporter's minimum), got {opset_version!r}")
+    if opset_version is not None and opset_version > (newest := _newest_opset()):
+        raise ValueError(f"opset_version must be at most {newest} (the newest opset onnx knows), got {opset_version}")
+    if os.path.isdir(path):
+        raise ValueError(f"path {os.fspath(path)!r} is a directory; give the .onnx file to write")
     param = next(model.parameters())
     if check:
         if param.dtype != torch.float32:
@@ -152,17 +158,26 @@ def export_onnx(
             opset_version=opset_version,
             verbose=False,
         )
-        program.save(path)
-        opset = program.model.opset_imports[""]  # the default ONNX domain
-        if opset_version is not None and opset != opset_version:
-            raise ValueError(f"opset_version {opset_version} was asked for, but the exporter wrote opset {opset}")
-        diffs = (
-            _compare_with_onnxruntime(path, wrapper, _pixels(checked, height, width, param, seed=1)) if check else {}
-        )
-    except BaseException:
-        if os.path.exists(path):  # nothing half-checked stays behind
-            os.unlink(path)
-        raise
+        # Written into a temporary folder beside ``path`` and moved into place once every check passed:
+        # a failed export leaves no file behind (nor a half-written one in place of an earlier export).
+        # Same base name, so an external-data file (large models) keeps the name the graph refers to.
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".onnx-export-", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            staged = os.path.join(staging, os.path.basename(path))
+            program.save(staged)
+            opset = program.model.opset_imports[""]  # the default ONNX domain
+            if opset_version is not None and opset != opset_version:
+                raise ValueError(f"opset_version {opset_version} was asked for, but the exporter wrote opset {opset}")
+            diffs = (
+                _compare_with_onnxruntime(staged, wrapper, _pixels(checked, height, width, param, seed=1))
+                if check
+                else {}
+            )
+            for name in os.listdir(staging):  # the graph, and its external data if any
+                os.replace(os.path.join(staging, name), os.path.join(os.path.dirname(path), name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
         model.set_attention_backend(backend)
         model.train(was_training)
@@ -177,6 +192,14 @@ CHECK_RTOL = 1e-4
 
 class OnnxCheckError(RuntimeError):
     """The exported graph's outputs differ from PyTorch's beyond the stated tolerance."""
+
+
+def _newest_opset() -> int:
+    try:
+        import onnx
+    except ImportError:  # torch.onnx.export needs onnx anyway and will say so
+        return 10**9
+    return onnx.defs.onnx_opset_version()
 
 
 def _pixels(batch: int, height: int, width: int, like: torch.Tensor, seed: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from transformers import AutoConfig, DINOv3ViTConfig, DINOv3ViTModel, SiglipVisionConfig, SiglipVisionModel
@@ -41,6 +42,22 @@ _DEFAULT_NORM = {
 def _check_kind(kind: str) -> None:
     if kind not in TEACHER_KINDS:
         raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {kind!r}")
+
+
+def _check_name_or_path(name_or_path) -> None:
+    """A local path must exist; anything else must look like a hub id ("name" or "org/name")."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_teacher: name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    text = os.fspath(name_or_path)
+    if os.path.isdir(text):
+        return
+    if os.path.exists(text):
+        raise ValueError(f"load_teacher: {text!r} is a file; give the checkpoint's folder (with config.json)")
+    looks_local = text.startswith((".", "~", os.sep)) or text.count("/") > 1 or "\\" in text
+    if looks_local or not text.strip():
+        raise ValueError(
+            f"load_teacher: checkpoint folder {text!r} does not exist (give an existing folder or a hub id 'org/name')"
+        )
 
 
 def _normalisation(kind: str, name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -93,7 +110,11 @@ def load_teacher(
     _check_kind(kind)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"load_teacher: dtype must be a torch.dtype, got {dtype!r}")
-    config = AutoConfig.from_pretrained(name_or_path)
+    _check_name_or_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:  # not a folder with a config.json, not on the hub / in the cache
+        raise ValueError(f"load_teacher: cannot load a {kind} config from {name_or_path!r}: {e}") from e
     mtype = config.model_type
     mean, std = _normalisation(kind, name_or_path)
     common = {"name": str(name_or_path), "mean": mean, "std": std, "dtype": dtype}

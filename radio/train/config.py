@@ -35,6 +35,8 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_resume_compatible",
+    "check_runtime",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -46,6 +48,10 @@ __all__ = [
 TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_BACKENDS = ("auto", "triton", "torch")
+# Seeds feed numpy's SeedSequence (non-negative only) and torch generators (64-bit, and the DAMP
+# stream's seed is run.seed * 1_000_003 + 29): 32-bit seeds fit every use.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -210,6 +216,8 @@ class TrainConfig:
         _check_positive(self.run, "run", ("max_skipped",))
         if self.run.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.run.threads}")
+        _check_seed("run.seed", self.run.seed)
+        _check_seed("fidelity.seed", self.fidelity.seed)
         d = self.data
         _check_positive(d, "data", ("batch_size", "min_image_side"))
         if d.num_workers < 0 or d.holdout < 0 or d.max_shift < 0 or d.shift_std < 0:
@@ -236,6 +244,9 @@ class TrainConfig:
         if not 0 <= self.loss.ema_decay < 1:
             raise ValueError(f"loss.ema_decay must be in [0, 1), got {self.loss.ema_decay}")
         _check_positive(self.loss, "loss", ("phis_refresh_every", "phis_freeze_after", "dispersion_warmup_samples"))
+        _check_choice("loss.backend", self.loss.backend, LOSS_BACKENDS)
+        if self.loss.mesa_weight < 0:
+            raise ValueError(f"loss.mesa_weight must be >= 0, got {self.loss.mesa_weight}")
         _check_choice("damp.schedule", self.damp.schedule, ("cosine", "linear", "constant"))
         if self.damp.sigma < 0:
             raise ValueError(f"damp.sigma must be >= 0, got {self.damp.sigma}")
@@ -251,6 +262,10 @@ class TrainConfig:
             _check_choice(f"teachers.{name}.high_res_mode", t.high_res_mode, HIGH_RES_MODES)
             if t.spatial_weight < 0 or t.summary_weight < 0:
                 raise ValueError(f"teachers.{name}: loss weights must be >= 0")
+            _check_seed(f"teachers.{name}.seed", t.seed)
+            if t.name_or_path is not None and not t.name_or_path.strip():
+                raise ValueError(f"teachers.{name}.name_or_path must be none or a non-empty path / hub id")
+        _check_student(self.student)
 
 
 def _check_positive(obj, prefix: str, names) -> None:
@@ -263,6 +278,80 @@ def _check_positive(obj, prefix: str, names) -> None:
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_seed(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{key} must be an int in [0, 2**32 - 1], got {value!r}")
+
+
+def _check_student(student: StudentConfig) -> None:
+    """The student's architecture, checked now (not when the trainer builds it, after the run
+    directory exists): ``RadioConfig.preset(student.preset, **student.model)`` must be valid."""
+    try:
+        from radio.model.config import RadioConfig
+    except ImportError:  # the model package is optional for reading configs
+        return
+    if student.preset not in RadioConfig.preset_names():
+        raise ValueError(f"student.preset must be one of {RadioConfig.preset_names()}, got {student.preset!r}")
+    # The trainer picks summary_idxs from the teachers (radio.train.build) unless the config sets them.
+    model = {"summary_idxs": [0], **student.model}
+    try:
+        RadioConfig.preset(student.preset, **model)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"student.model: {e}") from e
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """What ``validate`` cannot see in a config file: is ``run.device`` there, and can ``loss.backend``
+    run on it? Called before anything is written (``radio train`` calls it before ``train``).
+
+    ``loss.backend="triton"`` needs CUDA, or the Triton interpreter (``TRITON_INTERPRET=1``) switched
+    on before ``radio_kernels`` was imported; "auto" always has a backend.
+    """
+    import torch
+
+    from radio_kernels._backend import triton_unavailable_reason
+
+    device = cfg.run.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device='cuda' but no CUDA device is available; use run.device='cpu' or 'auto'")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.loss.backend == "triton" and (reason := triton_unavailable_reason(torch.device(device))):
+        raise ValueError(f"loss.backend='triton' cannot run on run.device={device!r}: {reason}")
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Raise ValueError when ``cfg`` cannot continue a run whose checkpoint holds ``saved`` (the
+    checkpoint's ``config`` dict): the checkpoint carries one adaptor head, PHI-S and dispersion
+    state per enabled teacher, and the student's architecture, so these must be unchanged."""
+    if not isinstance(saved, dict):
+        raise TypeError(f"saved must be the checkpoint's config dict, got {type(saved).__name__}")
+    was = {n for n, t in saved.get("teachers", {}).items() if t.get("enabled", True)}
+    now = set(cfg.enabled_teachers())
+    for name in sorted(was - now):
+        reason = "disabled" if name in cfg.teachers else "removed"
+        raise ValueError(
+            f"cannot resume: teacher {name!r} was trained in this run but is now {reason} "
+            f"(teachers.{name}.enabled); the checkpoint holds its adaptor head and statistics"
+        )
+    for name in sorted(now - was):
+        raise ValueError(
+            f"cannot resume: teacher {name!r} is enabled but was not part of this run "
+            f"(set teachers.{name}.enabled=false, or start a new run)"
+        )
+    for name in sorted(now):
+        old, new = saved["teachers"][name], cfg.teachers[name]
+        for key in ("kind", "name_or_path", "head"):
+            if key in old and old[key] != getattr(new, key):
+                raise ValueError(
+                    f"cannot resume: teachers.{name}.{key} changed from {old[key]!r} to {getattr(new, key)!r}"
+                )
+    student = saved.get("student", {})
+    for key, value in (("preset", cfg.student.preset), ("model", cfg.student.model)):
+        if key in student and student[key] != value:
+            raise ValueError(f"cannot resume: student.{key} changed from {student[key]!r} to {value!r}")
 
 
 def _c_radiov4() -> TrainConfig:

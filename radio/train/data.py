@@ -118,10 +118,33 @@ class ImageSource:
         self._cache: dict[int, np.ndarray] = {}
 
     @classmethod
-    def from_config(cls, image_dir: str | None) -> ImageSource:
+    def from_config(cls, image_dir: str | None, min_image_side: int = 1) -> ImageSource:
+        """The bundled images (``image_dir=None``) or the images under ``image_dir``, checked to hold
+        at least one usable image (``check_usable``), so a bad folder fails before a run starts."""
         if image_dir is None:
             return cls(BUNDLED_IMAGES, bundled=True)
-        return cls(find_images(image_dir), bundled=False)
+        source = cls(find_images(image_dir), bundled=False)
+        source.check_usable(min_image_side, what=f"data.image_dir {str(image_dir)!r}")
+        return source
+
+    def check_usable(self, min_image_side: int = 1, what: str = "the image source") -> int:
+        """Index of the first image that decodes with a short side >= ``min_image_side``; a ValueError
+        saying how many files were unreadable / too small when there is none. Stops at the first usable
+        image, so a healthy folder costs one decode."""
+        unreadable = small = 0
+        for i in range(len(self)):
+            try:
+                image = self.load(i)
+            except Exception:  # any decoding error: the trainer would skip this file
+                unreadable += 1
+                continue
+            if min(image.shape[:2]) >= min_image_side:
+                return i
+            small += 1
+        raise ValueError(
+            f"{what}: none of its {len(self)} image files is usable ({unreadable} unreadable, "
+            f"{small} with a side below data.min_image_side={min_image_side})"
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -150,7 +173,10 @@ def split_holdout(source: ImageSource, holdout: int) -> tuple[ImageSource, Image
     stride = n // holdout if holdout else n
     held = list(range(0, stride * holdout, stride))
     train = [i for i in range(n) if i not in set(held)]
-    return source.subset(train), source.subset(held)
+    train_source = source.subset(train)
+    if not source.bundled and holdout:  # the usable images might all be held out
+        train_source.check_usable(what=f"the {len(train)} training images (data.holdout={holdout} held out)")
+    return train_source, source.subset(held)
 
 
 # ----------------------------------------------------------------------------------------------

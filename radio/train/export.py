@@ -22,6 +22,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
 
     Returns the checkpoint file used.
     """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {str(out_dir)!r} is an existing file; export writes a folder (give a new name)")
     # The newest checkpoint that verifies and loads; newer broken ones are reported and skipped.
     path, state = load_latest_good(run_dir, log=log)
     weights = "ema" if use_ema else "student"

@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from .config import TrainConfig, config_to_dict, load_config, save_config
+from .config import TrainConfig, check_resume_compatible, check_runtime, config_to_dict, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
 from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
 from .distributed import DistInfo, all_reduce_sum, setup
@@ -165,6 +165,7 @@ def train(
     fidelity). Returns {"run_dir", "step", "fidelity" (None unless the run completed), "skipped_images"}.
     """
     cfg.validate()
+    check_runtime(cfg)  # the device and the loss backend exist here: before anything is written
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     threads = torch.get_num_threads()
@@ -192,6 +193,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         run_dir = Path(cfg.run.out)
         lock = _lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
         ckpt_path, state = _resume_point(run_dir, info, log)
+        check_resume_compatible(state["config"], cfg)  # same teachers, same student
         saved_parallel = state["config"]["run"].get("parallel", "ddp")
         if saved_parallel != cfg.run.parallel:
             raise ValueError(
