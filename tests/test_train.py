@@ -424,3 +424,34 @@ def test_grad_checkpointing_with_damp_trains_exactly_alike(tmp_path):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
     for k in sa["student"]:
         torch.testing.assert_close(sb["student"][k], sa["student"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_teachers_load_onto_their_device_in_their_dtype_with_sdpa(tmp_path, monkeypatch):
+    """No full float32 CPU copy per rank: from_pretrained gets device_map and dtype; attention is SDPA."""
+    from transformers import DINOv3ViTModel
+
+    from radio.teachers import tiny_teacher
+    from radio.train.teaching import build_teachers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_teacher("dinov3", seed=5).save_pretrained(tmp_path / "dino")
+    seen = {}
+    real = DINOv3ViTModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(DINOv3ViTModel, "from_pretrained", classmethod(spy))
+    cfg = tiny_cfg(tmp_path / "run")
+    cfg.teachers["dinov3"].name_or_path = str(tmp_path / "dino")
+    cfg.teachers["dinov3"].dtype = "bfloat16"
+    cfg.teachers["sam3"].compile = True
+    slots = build_teachers(cfg, torch.device("cpu"))
+    assert seen["device_map"] == "cpu" and seen["dtype"] == torch.bfloat16 and seen["attn_implementation"] == "sdpa"
+    dino = slots["dinov3"].teacher
+    assert dino.dtype == torch.bfloat16 and dino.model.config._attn_implementation == "sdpa"
+    assert isinstance(slots["sam3"].teacher.model, torch._dynamo.eval_frame.OptimizedModule)
+    cfg.teachers["dinov3"].attn_implementation = "magic"
+    with pytest.raises(ValueError, match="teachers.dinov3.attn_implementation"):
+        cfg.validate()

@@ -48,6 +48,7 @@ __all__ = [
 TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 LOSS_BACKENDS = ("auto", "triton", "torch")
 # Seeds feed numpy's SeedSequence (non-negative only) and torch generators (64-bit, and the DAMP
 # stream's seed is run.seed * 1_000_003 + 29): 32-bit seeds fit every use.
@@ -75,6 +76,10 @@ class TeacherConfig:
     seed: int = 0
     head: str = "mlp"
     high_res_mode: str = "auto"
+    # How a loaded teacher runs: transformers' attention implementation, and torch.compile (teachers
+    # are frozen and run every step at a few fixed shapes, so compiling pays off on long runs).
+    attn_implementation: str = "sdpa"
+    compile: bool = False
 
 
 @dataclass
@@ -260,6 +265,7 @@ class TrainConfig:
             _check_choice(f"teachers.{name}.dtype", t.dtype, DTYPES)
             _check_choice(f"teachers.{name}.head", t.head, ("mlp", "attn"))
             _check_choice(f"teachers.{name}.high_res_mode", t.high_res_mode, HIGH_RES_MODES)
+            _check_choice(f"teachers.{name}.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
             if t.spatial_weight < 0 or t.summary_weight < 0:
                 raise ValueError(f"teachers.{name}: loss weights must be >= 0")
             _check_seed(f"teachers.{name}.seed", t.seed)

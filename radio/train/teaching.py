@@ -60,7 +60,12 @@ def build_teachers(cfg: TrainConfig, device: torch.device) -> dict[str, TeacherS
         if tcfg.name_or_path is None:
             teacher = tiny_teacher(tcfg.kind, seed=tcfg.seed, dtype=dtype)
         else:
-            teacher = load_teacher(tcfg.kind, tcfg.name_or_path, dtype=dtype)
+            # Straight onto this rank's device in its dtype, attention through SDPA by default.
+            teacher = load_teacher(
+                tcfg.kind, tcfg.name_or_path, dtype=dtype, device=device, attn_implementation=tcfg.attn_implementation
+            )
+        if tcfg.compile:
+            teacher.model = torch.compile(teacher.model)
         slots[name] = TeacherSlot(name, tcfg, teacher, cfg).to(device)
     return slots
 
