@@ -28,6 +28,7 @@ __all__ = [
     "DampConfig",
     "DataConfig",
     "FidelityConfig",
+    "LoraConfig",
     "LossConfig",
     "OptimConfig",
     "RunConfig",
@@ -46,6 +47,8 @@ __all__ = [
 TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
+FREEZE_MODES = ("none", "backbone")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 @dataclass
@@ -69,11 +72,24 @@ class TeacherConfig:
     seed: int = 0
     head: str = "mlp"
     high_res_mode: str = "auto"
+    # With student.init_from: the source model's adaptor head to start this teacher's head from.
+    # None: the head named like this teacher, when the source has one; "": always a new head.
+    init_head: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the backbone's linear layers (radio.model.lora): W x + (alpha / rank) B A x, B = 0 at start."""
+
+    rank: int = 0  # 0 = off
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # Linear names inside the blocks
 
 
 @dataclass
 class StudentConfig:
-    """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields)."""
+    """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields), or the
+    model in ``init_from`` (radio.train.init_from), then ``freeze`` / ``lora`` (radio.train.adapt)."""
 
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +97,10 @@ class StudentConfig:
     # dropout). Off = the student runs its CPE as at inference (an ablation). Either way DDP matches
     # one process: each sample's crop comes from its own seed (Batch.cpe_uniforms).
     cpe_augmentation: bool = True
+    # An NVlabs/RADIO checkpoint file or a RadioModel.from_pretrained folder: start from its weights.
+    init_from: str | None = None
+    freeze: str = "none"  # "none" | "backbone" (only the adaptor heads, and LoRA factors, train)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -226,6 +246,16 @@ class TrainConfig:
         if self.damp.sigma < 0:
             raise ValueError(f"damp.sigma must be >= 0, got {self.damp.sigma}")
         _check_positive(self.fidelity, "fidelity", ("resolution", "crops_per_image"))
+        _check_choice("student.freeze", self.student.freeze, FREEZE_MODES)
+        lora = self.student.lora
+        if not isinstance(lora.rank, int) or lora.rank < 0:
+            raise ValueError(f"student.lora.rank must be an int >= 0 (0 = off), got {lora.rank!r}")
+        if not lora.alpha > 0:
+            raise ValueError(f"student.lora.alpha must be > 0, got {lora.alpha!r}")
+        if not lora.targets or any(t not in LORA_TARGETS for t in lora.targets):
+            raise ValueError(
+                f"student.lora.targets must be a non-empty subset of {list(LORA_TARGETS)}, got {lora.targets}"
+            )
         if not self.enabled_teachers():
             raise ValueError("teachers: at least one teacher must be enabled")
         for name, t in self.teachers.items():
@@ -407,7 +437,8 @@ def valid_keys(cfg: TrainConfig | None = None) -> list[str]:
             for name in cfg.teachers:
                 keys += [f"teachers.{name}.{f.name}" for f in dataclasses.fields(TeacherConfig)]
         elif section.name == "student":
-            keys += ["student.preset", "student.cpe_augmentation"]
+            keys += ["student.preset", "student.cpe_augmentation", "student.init_from", "student.freeze"]
+            keys += [f"student.lora.{f.name}" for f in dataclasses.fields(LoraConfig)]
             keys += [f"student.model.{f}" for f in _radio_config_fields()]
         else:
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
@@ -450,10 +481,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if parts[2] not in _radio_config_fields():
                 raise _bad_key(key, cfg)
             cfg.student.model[parts[2]] = value
+        elif len(parts) == 3 and parts[:2] == ["student", "lora"]:
+            hints = _section_types(LoraConfig)
+            if parts[2] not in hints:
+                raise _bad_key(key, cfg)
+            setattr(cfg.student.lora, parts[2], _coerce(key, value, hints[parts[2]]))
         elif len(parts) == 2 and parts[0] in {f.name for f in dataclasses.fields(TrainConfig)} - {"teachers"}:
             section = getattr(cfg, parts[0])
             hints = _section_types(type(section))
-            if parts[1] not in hints or parts[1] == "model":
+            if parts[1] not in hints or parts[1] in ("model", "lora"):
                 raise _bad_key(key, cfg)
             setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
         else:

@@ -1,4 +1,4 @@
-"""``radio export``: a run's EMA weights as a ``RadioModel.from_pretrained`` folder."""
+"""``radio export``: a run's EMA weights as a ``RadioModel.from_pretrained`` folder (LoRA adapters merged)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
+from radio.model.lora import merge_lora_state_dict
 from radio.normalize import PHISNormalizer, save_normalizers
 
 from .checkpoint import latest_checkpoint, load_checkpoint
@@ -28,7 +29,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
     model = RadioModel(
         RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
     )
-    model.load_state_dict(state["ema" if use_ema else "student"])
+    # LoRA adapters (student.lora) are folded into plain weights: W + (alpha / rank) B A.
+    model.load_state_dict(merge_lora_state_dict(state["ema" if use_ema else "student"]))
     model.save_pretrained(out_dir)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
     # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.
