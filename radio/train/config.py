@@ -44,7 +44,8 @@ __all__ = [
     "valid_keys",
 ]
 
-TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
+TEACHER_KINDS = ("siglip2", "dinov3", "sam3", "hf", "timm")
+TEACHER_SUMMARIES = ("auto", "cls", "pooler", "none")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
 FREEZE_MODES = ("none", "backbone")
@@ -75,6 +76,12 @@ class TeacherConfig:
     # With student.init_from: the source model's adaptor head to start this teacher's head from.
     # None: the head named like this teacher, when the source has one; "": always a new head.
     init_head: str | None = None
+    # Kinds "hf" / "timm" only (radio.teachers.generic; name_or_path required): the hidden layer to
+    # read (hf; None = the final output), the leading tokens to drop (None = all but the patch grid
+    # for hf, the model's num_prefix_tokens for timm), the summary ("auto": "cls" for hf, "pooler" for timm).
+    layer: int | None = None
+    prefix_tokens: int | None = None
+    summary: str = "auto"
 
 
 @dataclass
@@ -265,6 +272,9 @@ class TrainConfig:
             _check_choice(f"teachers.{name}.dtype", t.dtype, DTYPES)
             _check_choice(f"teachers.{name}.head", t.head, ("mlp", "attn"))
             _check_choice(f"teachers.{name}.high_res_mode", t.high_res_mode, HIGH_RES_MODES)
+            _check_choice(f"teachers.{name}.summary", t.summary, TEACHER_SUMMARIES)
+            if t.kind in ("hf", "timm") and t.enabled and not t.name_or_path:
+                raise ValueError(f"teachers.{name}: kind {t.kind!r} needs name_or_path (a model name or folder)")
             if t.spatial_weight < 0 or t.summary_weight < 0:
                 raise ValueError(f"teachers.{name}: loss weights must be >= 0")
 
