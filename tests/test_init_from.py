@@ -108,3 +108,15 @@ def test_head_width_mismatch_is_a_clear_error(tmp_path):
         build_student(cfg, slots)
     cfg.teachers["dinov3"].init_head = ""
     assert [s.name for s in build_student(cfg, slots).adaptor_specs] == ["siglip2", "dinov3", "sam3"]
+
+
+def test_student_model_overrides_apply_to_the_loaded_architecture(tmp_path):
+    path = write_demo_checkpoint(tmp_path / "c.pth.tar")
+    cfg = tiny_cfg(tmp_path / "run", path)
+    cfg.student.model = {"window_size": 2, "vitdet_prefix": "global"}
+    slots = build_teachers(cfg, torch.device("cpu"))
+    student = build_student(cfg, slots)
+    assert (student.config.window_size, student.config.vitdet_prefix, student.config.embed_dim) == (2, "global", 48)
+    cfg.student.model = {"mlp_dim": 64}
+    with pytest.raises(ValueError, match=r"student.init_from: the weights do not fit the student"):
+        build_student(cfg, slots)

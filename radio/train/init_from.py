@@ -140,7 +140,12 @@ def init_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
                 if part.startswith("summary_head.") and not slots[name].has_summary:
                     continue  # the teacher has no summary loss: its summary head is dropped
                 state[f"adaptors.{name}.{part}"] = v
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches, e.g. from student.model overrides
+        raise ValueError(
+            f"student.init_from: the weights do not fit the student (student.model={cfg.student.model}): {e}"
+        ) from e
     if result.unexpected_keys:
         raise ValueError(f"student.init_from: weights the student has no place for: {result.unexpected_keys[:8]}")
     new = [f"adaptors.{n}." for n in slots if n not in loaded]
