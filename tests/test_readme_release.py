@@ -11,6 +11,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def run_line(line: str, monkeypatch) -> None:
         exec(compile(argv[2], "<readme>", "exec"), {})
     elif argv[:2] == ["python", "-m"]:
         monkeypatch.setattr(sys, "argv", argv[2:])
-        with pytest.raises(SystemExit) as done:
+        with pytest.raises(SystemExit) as done, warnings.catch_warnings():
+            # runpy warns that the module was imported before (by this test session): harmless here
+            warnings.simplefilter("ignore", RuntimeWarning)
             runpy.run_module(argv[2], run_name="__main__")
         assert done.value.code in (0, None), line
     else:
