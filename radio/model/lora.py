@@ -11,6 +11,11 @@ dict keeps every base key (checkpoints and the EMA copy line up), DAMP still fin
 base weight (``radio.train.damp`` works on every ``nn.Linear.weight``), and the adapter adds three
 keys per layer: ``lora_a``, ``lora_b`` and the buffer ``lora_scale`` (so a state dict can be merged
 without knowing alpha: ``merge_lora_state_dict``). The base weight and bias are frozen.
+
+Why not ``peft``: its LoRA layers move the base weight to ``<layer>.base_layer.weight`` and hold the
+factors in ``nn.Linear`` modules, so checkpoints, the EMA copy and the trainer's exported folders would
+change their keys, and DAMP (which perturbs every ``nn.Linear`` weight) would also perturb the
+factors; this module keeps all of that as it is, in a hundred lines, without a new dependency.
 """
 
 from __future__ import annotations
