@@ -125,3 +125,11 @@ def test_trainer_builds_hf_and_timm_teachers(hf_vit, tmp_path):
         apply_overrides(TrainConfig(), ["teachers.x.kind=hf"])
     with pytest.raises(ValueError, match="teachers.vit.summary"):
         apply_overrides(cfg, ["teachers.vit.summary=avg"])
+
+
+def test_hf_kind_refuses_models_without_tokens(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="kind 'hf' takes ViT-style models.*kind 'timm'"):
+        load_generic_teacher("hf", tmp_path)

@@ -73,6 +73,11 @@ class HFTeacher(Teacher):
     ):
         _check_options(layer, prefix_tokens, summary)
         cfg = model.config
+        if getattr(cfg, "patch_size", None) is None or getattr(cfg, "hidden_size", None) is None:
+            raise ValueError(
+                f"{name}: kind 'hf' takes ViT-style models (config.patch_size and hidden_size, token outputs); "
+                f"{type(model).__name__} is not one; load CNNs with kind 'timm'"
+            )
         super().__init__(
             name=name,
             patch_size=_side(cfg.patch_size),
@@ -94,6 +99,8 @@ class HFTeacher(Teacher):
     def _encode(self, pixels: torch.Tensor) -> TeacherOutput:
         out = self.model(pixel_values=pixels, **self._kwargs)
         tokens = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
+        if tokens.ndim != 3:
+            raise ValueError(f"{self.name}: expected (B, N, C) tokens, got shape {tuple(tokens.shape)}")
         features = _patch_tokens(tokens, self.prefix_tokens, *self.grid(*pixels.shape[-2:]), self.name)
         if self.summary == "cls":
             summary = tokens[:, 0]
