@@ -455,3 +455,21 @@ def test_teachers_load_onto_their_device_in_their_dtype_with_sdpa(tmp_path, monk
     cfg.teachers["dinov3"].attn_implementation = "magic"
     with pytest.raises(ValueError, match="teachers.dinov3.attn_implementation"):
         cfg.validate()
+
+
+def test_damp_perturbs_the_base_weight_of_a_lora_layer_and_keeps_its_update():
+    from radio.model.lora import LoRALinear
+    from radio.train.damp import _mix
+
+    torch.manual_seed(0)
+    lora = LoRALinear.from_linear(torch.nn.Linear(4, 3), rank=2, alpha=4.0)
+    with torch.no_grad():
+        lora.lora_b.normal_()  # a non-zero update
+    x = torch.randn(5, 4)
+    y = damp_forward(lora, ["weight"], 0.5, torch.Generator().manual_seed(2), x)
+    draw = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(2)))
+    eps = torch.randn(lora.weight.shape, generator=torch.Generator().manual_seed(_mix(_mix(draw, 0), 0)))
+    update = lora.lora_scale * (x @ lora.lora_a.T @ lora.lora_b.T)
+    torch.testing.assert_close(y, x @ (lora.weight * (1 + 0.5 * eps)).T + lora.bias + update)
+    y.sum().backward()
+    assert lora.lora_a.grad is not None and lora.weight.grad is None  # frozen base, trained adapter

@@ -48,9 +48,11 @@ class RadioConfig:
     ``final_norm``: a LayerNorm (eps 1e-6) applied to all output tokens. Official RADIO checkpoints are
     trained without one (their timm ``norm`` is replaced by an identity), so loading them sets it False.
 
-    ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of all output tokens after
-    the final norm, before the summary, the features and the adaptor heads; official checkpoints that
-    store a ``_feature_normalizer`` carry it, and loading them turns it on with their ``mean`` / ``tx``.
+    ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of the output patch tokens
+    after the final norm, before the features and the adaptor feature heads; the backbone summary and the
+    adaptor summary heads read the un-normalised CLS tokens (as in the official models). Official
+    checkpoints that store a ``_feature_normalizer`` carry it, and loading them turns it on with their
+    ``mean`` / ``tx``.
 
     ``intermediate_normalizer``: "none", or a fixed per-block whitening of the patch tokens that
     ``forward_intermediates`` returns (``radio.model.embed.IntermediateNormalizer``) with one rotation

@@ -9,10 +9,12 @@ Forward pass for x (B, 3, H, W) in [0, 1], token grid h = H/p, w = W/p, P prefix
     tokens = blocks(tokens)                                      ViTDet schedule, see radio.model.vitdet
     tokens = LN(tokens)                                          final norm (config.final_norm), all tokens
     summary  = concat(tokens[:, i] for i in summary_idxs)        (B, len(summary_idxs) * D)
-    features = tokens[:, P:]                                     (B, h*w, D) | NCHW | NHWC
+    features = FN(tokens[:, P:])                                 (B, h*w, D) | NCHW | NHWC
 
-With adaptors, teacher t's summary head reads CLS token ``spec.cls_index`` and its feature head the
-patch tokens; the output is ``{"backbone": RadioOutput, t: RadioOutput, ...}``.
+FN is the output feature normaliser (config.feature_normalizer, official checkpoints): it whitens the
+patch tokens only, as the official model does; the summaries read the un-normalised CLS tokens. With
+adaptors, teacher t's summary head reads CLS token ``spec.cls_index`` (un-normalised) and its feature
+head the normalised patch tokens; the output is ``{"backbone": RadioOutput, t: RadioOutput, ...}``.
 """
 
 from __future__ import annotations
@@ -171,12 +173,14 @@ class RadioModel(nn.Module):
         return len(self.config.summary_idxs) * self.config.embed_dim
 
     def get_nearest_supported_resolution(self, height: int, width: int) -> Resolution:
-        """Round each side to the nearest multiple of min_resolution_step within [step, max_resolution]."""
+        """Round each side to the nearest multiple of min_resolution_step, at least one step.
+
+        Not clamped to ``max_resolution``: larger inputs run, the position table is resampled up (as in
+        the official models)."""
         step = self.min_resolution_step
-        top = self.max_resolution // step * step
 
         def snap(side: int) -> int:
-            return int(min(max(round(side / step) * step, step), top))
+            return int(max(round(side / step) * step, step))
 
         return Resolution(snap(height), snap(width))
 
@@ -218,11 +222,6 @@ class RadioModel(nn.Module):
                 f"x height and width must be positive multiples of min_resolution_step={step}, got {H}x{W}; "
                 f"nearest supported resolution: {nearest.height}x{nearest.width}"
             )
-        if max(H, W) > self.max_resolution:
-            raise ValueError(
-                f"x height and width must be at most max_resolution={self.max_resolution}, got {H}x{W}; "
-                f"nearest supported resolution: {nearest.height}x{nearest.width}"
-            )
         return H // self.patch_size, W // self.patch_size
 
     # ------------------------------------------------------------------ trunk
@@ -256,6 +255,7 @@ class RadioModel(nn.Module):
             x = x.to(weight_dtype)  # documented in forward: x follows the model's dtype (float64 pixels work)
         if not self._external_preprocessor:
             x = self.input_norm(x)
+        x = x.to(self.patch_embed.proj.weight.dtype)  # a half / bf16 model takes float32 pixels
         tokens = self.cpe(self.patch_embed(x), grid, generator, cpe_uniforms)
         prefix = self.prefix_tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return torch.cat([prefix, tokens], dim=1), grid
@@ -287,27 +287,32 @@ class RadioModel(nn.Module):
     ):
         """All output tokens after the final norm, (B, P + h*w, D) in raster order, and the grid (h, w).
 
-        ``generator`` / ``cpe_uniforms``: the training-time CPE randomness, as in ``forward``.
+        The output feature normaliser is not applied here (``patch_features`` applies it to the patch
+        tokens). ``generator`` / ``cpe_uniforms``: the training-time CPE randomness, as in ``forward``.
         """
         tokens, grid = self._embed(x, generator, cpe_uniforms)
         tokens, _ = self._run_blocks(tokens, grid)
-        return self._final_norm(tokens), grid
+        return self.norm(tokens), grid
 
-    def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm, then the (official checkpoints') feature normaliser, when configured."""
-        return self.feature_norm(self.norm(tokens))
+    def patch_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P + h*w, D) output tokens -> (B, h*w, D) patch features, through the feature normaliser."""
+        return self.feature_norm(tokens[:, self.config.num_prefix_tokens :])
 
     # ------------------------------------------------------------------ outputs
-    def _backbone_output(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str) -> RadioOutput:
+    def _backbone_output(
+        self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str, features: torch.Tensor | None = None
+    ) -> RadioOutput:
         summary = tokens[:, self.config.summary_idxs].flatten(1)
-        features = tokens[:, self.config.num_prefix_tokens :]
+        if features is None:
+            features = tokens[:, self.config.num_prefix_tokens :]
         return RadioOutput(summary, format_features(features, *grid, fmt))
 
     def _outputs(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str):
-        backbone = self._backbone_output(tokens, grid, fmt)
+        # Only the patch tokens go through the feature normaliser; summaries read the raw CLS tokens.
+        patches = self.patch_features(tokens)
+        backbone = self._backbone_output(tokens, grid, fmt, patches)
         if not self.adaptor_specs:
             return backbone
-        patches = tokens[:, self.config.num_prefix_tokens :]
         out = {"backbone": backbone}
         for spec in self.adaptor_specs:
             summary, features = self.adaptors[spec.name](tokens[:, spec.cls_index], patches, grid)
@@ -359,9 +364,11 @@ class RadioModel(nn.Module):
         ``normalize``: apply the per-block intermediate normaliser to the patch tokens, when the model
         has one (official checkpoints; like their ``norm_alpha_scheme="post-alpha"``; False is their
         "none"). ``norm`` then applies the final LayerNorm (not the output feature normaliser, which
-        only the final outputs get, as in the official models). Returns ``intermediates`` when ``intermediates_only``
-        (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
-        where ``final`` is what ``forward(x, output_fmt)`` returns. ``generator`` / ``cpe_uniforms``: the
+        only the final outputs get, as in the official models). ``stop_early`` skips the blocks after
+        the last one taken. Returns ``intermediates`` when ``intermediates_only``, else
+        ``(final, intermediates)``, where ``final`` is built like ``forward(x, output_fmt)``'s output from
+        the tokens after the last block run (the last one taken with ``stop_early``), through the final
+        LayerNorm only when ``norm`` (as in the official models). ``generator`` / ``cpe_uniforms``: the
         training-time CPE randomness, as in ``forward``.
         """
         _check_feature_fmt("output_fmt", output_fmt)
@@ -377,7 +384,7 @@ class RadioModel(nn.Module):
             if not take or take[0] < 0 or take[-1] >= depth:
                 raise ValueError(f"indices must name blocks in [-{depth}, {depth}), got {list(indices)}")
         tokens, grid = self._embed(x, generator, cpe_uniforms)
-        stop = take[-1] if (stop_early and intermediates_only) else None
+        stop = take[-1] if stop_early else None
         tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
         intermediates = []
         p = self.config.num_prefix_tokens
@@ -390,7 +397,7 @@ class RadioModel(nn.Module):
             intermediates.append(out if return_prefix_tokens else out.features)
         if intermediates_only:
             return intermediates
-        return self._outputs(self._final_norm(tokens), grid, output_fmt), intermediates
+        return self._outputs(self.norm(tokens) if norm else tokens, grid, output_fmt), intermediates
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:

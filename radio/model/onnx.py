@@ -84,7 +84,7 @@ def _check_resolution(model: RadioModel, height: int, width: int) -> tuple[int, 
     if (height, width) != tuple(model.get_nearest_supported_resolution(height, width)):
         step = model.min_resolution_step
         raise ValueError(
-            f"height and width must be multiples of {step} up to {model.max_resolution}, got {height} x {width}; "
+            f"height and width must be multiples of {step}, got {height} x {width}; "
             f"nearest supported: {tuple(model.get_nearest_supported_resolution(height, width))}"
         )
     return height, width

@@ -10,7 +10,9 @@ from torch import nn
 
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
 
+from .adapt import adapt_student
 from .config import OptimConfig, TrainConfig
+from .init_from import init_student
 from .teaching import TeacherSlot
 
 __all__ = [
@@ -26,12 +28,22 @@ __all__ = [
 
 
 def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
-    """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher.
+    """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher, or the
+    model in ``student.init_from`` (radio.train.init_from); then ``student.freeze`` / ``student.lora``
+    (radio.train.adapt).
 
     Teacher i's summary head reads CLS token i; teachers without a summary (or with summary
     weight 0) get no summary head, and their CLS tokens stay out of the backbone summary unless
     ``student.model.summary_idxs`` says otherwise.
     """
+    if cfg.student.init_from is not None:
+        model = init_student(cfg, slots)
+    else:
+        model = _build_fresh_student(cfg, slots)
+    return adapt_student(model, cfg.student)
+
+
+def _build_fresh_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
     # The backbone summary concatenates the CLS tokens of the teachers that have a summary loss
     # (C-RADIOv4: SigLIP2 and DINOv3 -> [0, 1]); an untrained CLS token (SAM3's) never joins it.
     summary_idxs = [i for i, slot in enumerate(slots.values()) if slot.has_summary]

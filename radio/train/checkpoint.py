@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest_good",
     "load_sharded_tensors",
+    "read_sharded_tensors",
     "quarantine_after",
     "save_checkpoint",
     "save_sharded_checkpoint",
@@ -307,6 +308,22 @@ def _single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def read_sharded_tensors(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
+    """The whole state dict saved under ``key`` (e.g. "ema") in a sharded checkpoint, read in one process
+    as plain tensors, whatever modules it came from (LoRA factors included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = key + "."
+    template = {
+        name[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    return load_sharded_tensors(path, {key: template})[key]
 
 
 def quarantine_after(run_dir: str | os.PathLike, step: int, log: Callable[[str], None] = print) -> list[Path]:

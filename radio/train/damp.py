@@ -10,11 +10,12 @@ For every ``nn.Linear`` weight W of the student, each forward pass uses
 and the gradient reaches W through the product (dL/dW = dL/dW~ * (1 + sigma * eps)). sigma is
 annealed to 0 over the run.
 
-How the noise is applied: ``install_damp`` gives each listed ``nn.Linear`` an instance-level forward
-that multiplies its weight on the fly when a DAMP state (sigma, seed) is set on it and the module is
-in training mode. The stored weights are never modified (nothing to restore; DDP, gradient
-accumulation and the optimizer see ordinary parameter gradients; the state dict is unchanged), and
-``sigma = 0`` calls ``F.linear`` on the untouched weights (a bitwise no-op, no random draws).
+How the noise is applied: ``install_damp`` gives each listed ``nn.Linear`` an instance-level
+forward that runs the layer's own forward (a plain Linear's, a LoRALinear's, ...) with W~ in place
+of W when a DAMP state (sigma, seed) is set on it and the module is in training mode. The stored
+weights are never modified (nothing to restore; DDP, gradient accumulation and the optimizer see
+ordinary parameter gradients; the state dict is unchanged), and ``sigma = 0`` runs the layer on its
+untouched weights (a bitwise no-op, no random draws).
 
 The noise is counter-based: layer k's eps comes from its own generator seeded with a mix of the
 micro-batch's seed and k, drawn where the layer runs. So activation checkpointing, which re-runs a
@@ -30,7 +31,6 @@ import math
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["damp_forward", "damp_sigma", "install_damp", "linear_weight_names", "set_damp"]
@@ -51,14 +51,20 @@ def _mix(*values: int) -> int:
 
 
 def _noisy_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own forward (its class's: plain Linear, LoRALinear, ...) on W~ instead of W."""
+    own_forward = type(self).forward
     state = self._damp_state
-    if state is None or not self.training:
-        return F.linear(x, self.weight, self.bias)
+    if state is None or not self.training or self._damp_inside:
+        return own_forward(self, x)
     sigma, seed = state
     w = self.weight
     gen = torch.Generator(device=w.device).manual_seed(_mix(seed, self._damp_index))
     eps = torch.randn(w.shape, generator=gen, device=w.device, dtype=torch.float32)
-    return F.linear(x, w * (1.0 + sigma * eps).to(w.dtype), self.bias)
+    self._damp_inside = True  # the call below comes back here: run the class's forward then
+    try:
+        return torch.func.functional_call(self, {"weight": w * (1.0 + sigma * eps).to(w.dtype)}, (x,), strict=False)
+    finally:
+        self._damp_inside = False
 
 
 def install_damp(module: nn.Module, names: list[str]) -> list[nn.Linear]:
@@ -75,7 +81,7 @@ def install_damp(module: nn.Module, names: list[str]) -> list[nn.Linear]:
             raise ValueError(f"DAMP: {name!r} is not the weight of an nn.Linear of the module")
         if getattr(layer, "_damp_index", None) is None:
             layer.forward = types.MethodType(_noisy_linear_forward, layer)
-            layer._damp_state = None
+            layer._damp_state, layer._damp_inside = None, False
         layer._damp_index = k
         layers.append(layer)
     return layers

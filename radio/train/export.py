@@ -1,4 +1,4 @@
-"""``radio export``: a run's EMA weights as a ``RadioModel.from_pretrained`` folder."""
+"""``radio export``: a run's EMA weights as a ``RadioModel.from_pretrained`` folder (LoRA adapters merged)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 from radio.finite import check_finite
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
+from radio.model.lora import merge_lora_state_dict
 from radio.normalize import PHISNormalizer, save_normalizers
 
-from .checkpoint import load_latest_good, load_sharded_tensors
+from .checkpoint import load_latest_good, read_sharded_tensors
 
 __all__ = ["export_run"]
 
@@ -31,9 +32,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
         RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
     )
     if "sharded" in state:  # a run.parallel = "fsdp" checkpoint: gather the shards in this one process
-        state[weights] = load_sharded_tensors(state["sharded"], {weights: model.state_dict()})[weights]
+        state[weights] = read_sharded_tensors(state["sharded"], weights)
     check_finite({weights: state[weights], "teachers": state["teachers"]}, f"an export of {path}")
-    model.load_state_dict(state[weights])
+    # LoRA adapters (student.lora) are folded into plain weights: W + (alpha / rank) B A.
+    model.load_state_dict(merge_lora_state_dict(state[weights]))
     model.save_pretrained(out_dir)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
     # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.

@@ -141,8 +141,7 @@ def micro_step_losses(
         )
         with torch.no_grad():
             tokens, ema_grid = models.ema.forward_features(x_ema)
-            p = models.ema.config.num_prefix_tokens
-            ema_features = tokens[:, p:].reshape(tokens.shape[0], *ema_grid, -1)
+            ema_features = models.ema.patch_features(tokens).reshape(tokens.shape[0], *ema_grid, -1)
     ema_shift = teacher_shift(batch.origins[STUDENT], batch.origins["ema"], patch).to(device)
 
     # Each rank's share of the global overlap count, per spatial term (teachers, then MESA).
