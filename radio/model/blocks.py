@@ -59,6 +59,19 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the feed-forward of SwiGLU RADIO variants (transformers' names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -69,13 +82,14 @@ class Block(nn.Module):
         layer_scale: float | None = None,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        ffn: str = "mlp",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, backend)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = SwiGLU(dim, mlp_dim) if ffn == "swiglu" else Mlp(dim, mlp_dim)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0) -> torch.Tensor:

@@ -92,6 +92,7 @@ class RadioModel(nn.Module):
                 config.layer_scale,
                 norm_eps=1e-6,
                 backend=config.attention_backend,
+                ffn=config.ffn,
             )
             for _ in range(config.depth)
         )
@@ -358,10 +359,20 @@ class RadioModel(nn.Module):
         return self._outputs(self._final_norm(tokens), grid, output_fmt), intermediates
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "radio") -> None:
+        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``.
+
+        ``format="transformers"``: a folder ``transformers.RadioModel.from_pretrained`` loads, plus a side
+        file with what it has no place for (``radio.model.hf_transformers``).
+        """
         from safetensors.torch import save_file
 
+        if format == "transformers":
+            from .hf_transformers import save_transformers_folder
+
+            return save_transformers_folder(self, directory)
+        if format != "radio":
+            raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
         os.makedirs(directory, exist_ok=True)
         meta = {
             "format": "radio-model",
@@ -376,9 +387,16 @@ class RadioModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> RadioModel:
-        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs)."""
+        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs).
+
+        Also reads a ``transformers.RadioModel`` folder (config.json with ``model_type = "radio"``).
+        """
         from safetensors.torch import load_file
 
+        from .hf_transformers import is_transformers_folder, load_transformers_folder
+
+        if is_transformers_folder(directory):
+            return load_transformers_folder(cls, directory, map_location)
         config_path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise ValueError(f"directory {str(directory)!r} has no {CONFIG_FILE}; was it written by save_pretrained?")

@@ -13,12 +13,19 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 __all__ = ["export_run"]
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True) -> Path:
+def export_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True, format: str = "radio"
+) -> Path:
     """Write the latest checkpoint's EMA student (with its adaptor heads) to ``out_dir``, and each
     teacher's PHI-S transform (``radio.normalize.load_normalizers(out_dir)``).
 
+    ``format``: "radio" (this project's folder) or "transformers" (a ``transformers.RadioModel`` folder
+    plus the side file ``radio_extras.safetensors``; see ``radio.model.hf_transformers``).
+
     Returns the checkpoint file used.
     """
+    if format not in ("radio", "transformers"):
+        raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
     path = latest_checkpoint(run_dir)
     if path is None:
         raise ValueError(
@@ -29,7 +36,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
         RadioConfig.from_dict(state["model_config"]), [AdaptorSpec.from_dict(a) for a in state["adaptors"]]
     )
     model.load_state_dict(state["ema" if use_ema else "student"])
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, format=format)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
     # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.
     normalizers = {}
