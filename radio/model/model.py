@@ -291,8 +291,12 @@ class RadioModel(nn.Module):
         *,
         generator: torch.Generator | None = None,
         cpe_uniforms: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
     ):
         """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
+
+        Packed batch of images of different sizes (transformers' layout): x (T, 3*p*p) patches and
+        ``image_grid_hw`` (S, 2) grids; summary (S, .), features (T, D); see ``radio.model.packed``.
 
         Training-time CPE randomness (table crop and position dropout per sample, radio.model.cpe):
         ``cpe_uniforms`` (B, 5) float U(0, 1) draws, columns (side scale, aspect, offset x, offset y,
@@ -300,6 +304,10 @@ class RadioModel(nn.Module):
         them the draws come from ``generator`` (else the global RNG). Both are unused in eval mode.
         """
         _check_feature_fmt("feature_fmt", feature_fmt)
+        if image_grid_hw is not None:
+            from .packed import forward_packed
+
+            return forward_packed(self, x, image_grid_hw, feature_fmt, generator, cpe_uniforms)
         tokens, grid = self.forward_features(x, generator, cpe_uniforms)
         return self._outputs(tokens, grid, feature_fmt)
 
