@@ -9,6 +9,8 @@ block size, so a mixed batch costs the tiles its tokens need, not those of paddi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -39,16 +41,21 @@ def check_cu_seqlens(cu_seqlens, n: int) -> list[int]:
 
 
 def tile_table(bounds: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment index, first row) int32 of every ``block``-row tile of every segment."""
+    """(segment index, first row) int32 of every ``block``-row tile of every segment, on ``device``."""
+    return _device_tables(tuple(bounds), block, torch.device(device))[1:]
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(bounds: tuple[int, ...], block: int, device: torch.device):
+    """(cu_seqlens, tile segments, tile rows) on ``device``: every block of a model's forward and backward
+    sees the same boundaries, so the host-to-device copies happen once per batch layout, not per call.
+    Pass block 0 for cu_seqlens alone."""
     seqs, rows = [], []
     for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        starts = range(a, b, block)
+        starts = range(a, b, block) if block else ()
         seqs.extend([s] * len(starts))
         rows.extend(starts)
-    return (
-        torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
-        torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True),
-    )
+    return tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (bounds, seqs, rows))
 
 
 def varlen_attention(q, k, v, cu_seqlens, scale, backend: str, triton_supports) -> torch.Tensor:
@@ -61,7 +68,7 @@ def varlen_attention(q, k, v, cu_seqlens, scale, backend: str, triton_supports) 
     if chosen == "torch" or unsupported or q.shape[2] == 0:
         return reference.varlen_attention(q, k, v, cu_seqlens, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    cu = torch.tensor(bounds, dtype=torch.int32).to(q.device, non_blocking=True)
+    cu = _device_tables(tuple(bounds), 0, q.device)[0]
     with device_guard(q.device):
         return _VarlenAttention.apply(q, k, v, cu, tuple(bounds), scale)
 
