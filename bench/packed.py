@@ -12,7 +12,7 @@ and the attention op alone at the model's width (forward, and forward + backward
 (1, H, L, D) row with ``cu_seqlens`` against global attention on the padded (S, H, Lmax, D) batch.
 ``useful`` is the fraction of computed tokens that belong to an image (packed: 1).
 
-    python -m bench.packed --device cpu            # ViT-B, float32, 6 images of 64..256 px
+    python -m bench.packed --device cpu            # ViT-B, float32, 6 images of 64..256 px (CPU time, 1 thread)
     python -m bench.packed --device cpu --quick    # tiny student, 3 small images (seconds)
     python -m bench.packed --device cuda           # ViT-L, bf16 autocast, 8 images of 256..1024 px
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -39,6 +40,20 @@ SIZES = {
     "cuda": [(256, 256), (384, 512), (512, 512), (768, 512), (1024, 1024), (320, 640), (512, 1024), (448, 448)],
 }
 PRESET = {"cpu": "vit-b", "quick": "tiny", "cuda": "vit-l"}
+
+
+def time_ms(fn, device, repeats: int) -> dict:
+    """GPU: ``_common.time_ms`` (CUDA events). CPU: process CPU time of a single-threaded run (min and
+    median), which other jobs on a shared machine barely disturb, as in bench/model.py."""
+    if device.type == "cuda":
+        return _common.time_ms(fn, device, warmup=2, repeats=repeats)
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times)}
 
 
 def _padded(images, H, W):
@@ -60,7 +75,7 @@ def model_rows(model, images, device, dtype, repeats) -> list[dict]:
     rows = []
     for provider, (fn, tokens) in runs.items():
         with torch.inference_mode(), torch.autocast(**autocast):
-            t = _common.time_ms(fn, device, warmup=2, repeats=repeats)
+            t = time_ms(fn, device, repeats)
         rows.append(dict(level="model fwd", provider=provider, ms=t["ms"], ms_min=t["ms_min"], tokens=tokens,
                          useful=useful / tokens))  # fmt: skip
     return rows
@@ -82,7 +97,7 @@ def attention_rows(model, images, device, dtype, repeats) -> list[dict]:
     rows = []
     for provider, (fn, x, tokens) in runs.items():
         with torch.no_grad():
-            t = _common.time_ms(lambda fn=fn, x=x: fn(x), device, warmup=2, repeats=repeats)
+            t = time_ms(lambda fn=fn, x=x: fn(x), device, repeats)
         rows.append(dict(level="attention fwd", provider=provider, ms=t["ms"], ms_min=t["ms_min"], tokens=tokens,
                          useful=L / tokens))  # fmt: skip
         leaf = x.detach().requires_grad_()
@@ -90,7 +105,7 @@ def attention_rows(model, images, device, dtype, repeats) -> list[dict]:
         def step(fn=fn, leaf=leaf):
             fn(leaf).sum().backward()
 
-        t = _common.time_ms(step, device, warmup=2, repeats=repeats)
+        t = time_ms(step, device, repeats)
         rows.append(dict(level="attention fwd+bwd", provider=provider, ms=t["ms"], ms_min=t["ms_min"],
                          tokens=tokens, useful=L / tokens))  # fmt: skip
     return rows
@@ -126,9 +141,9 @@ def main(argv=None) -> list[dict]:
     device = torch.device(a.device)
     kind = "quick" if a.quick else device.type
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    repeats = a.repeats or (2 if a.quick else 5 if device.type == "cpu" else 20)
+    repeats = a.repeats or (2 if a.quick else 3 if device.type == "cpu" else 20)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        torch.set_num_threads(1)  # CPU time of one thread: robust on a shared machine
     preset = a.preset or PRESET[kind]
     torch.manual_seed(0)
     model = RadioModel(RadioConfig.preset(preset)).to(device).eval()
@@ -136,7 +151,8 @@ def main(argv=None) -> list[dict]:
     images = [torch.rand(3, h, w, generator=g).to(device) for h, w in SIZES[kind]]
     sizes = ", ".join(f"{h}x{w}" for h, w in SIZES[kind])
     stem = _common.result_stem(a.out, "packed", device, a.quick)
-    notes = [f"{preset} student, {len(images)} images: {sizes}", f"dtype {dtype}, best of {repeats} runs"]
+    clock = "CUDA events" if device.type == "cuda" else "process CPU time, 1 thread"
+    notes = [f"{preset} student, {len(images)} images: {sizes}", f"dtype {dtype}, {clock}, best of {repeats} runs"]
     notes.append("speedup_vs_padded: padded ms_min / ms_min at the same level (loop: one forward per image)")
 
     rows: list[dict] = []
