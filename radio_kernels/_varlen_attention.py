@@ -18,7 +18,12 @@ from . import _attention_configs as configs
 from . import reference
 from ._attention_kernels import LOG2E, attn_bwd_delta_kernel
 from ._backend import device_guard, resolve_backend
-from ._varlen_attention_kernels import attn_varlen_bwd_dkdv_kernel, attn_varlen_bwd_dq_kernel, attn_varlen_fwd_kernel
+from ._varlen_attention_kernels import (
+    attn_varlen_bwd_dkdv_kernel,
+    attn_varlen_bwd_dq_kernel,
+    attn_varlen_fwd_kernel,
+    varlen_tile,
+)
 
 
 def check_cu_seqlens(cu_seqlens, n: int) -> list[int]:
@@ -103,7 +108,7 @@ def varlen_forward(q, k, v, cu, bounds: list[int], scale: float):
     lse = _empty((B * H, N), torch.float32, q.device)
     unit = _stride_unit(q, k, v, out)
     strides = [x for t in (q, k, v, out) for x in _scaled(_strides(t), unit)]
-    tile = configs.pick_tile("fwd", D, q.element_size())
+    tile = varlen_tile(configs.active_table(), "fwd", D, q.element_size())
     seqs, rows = tile_table(bounds, tile.block_m, q.device)
     if seqs.numel():
         attn_varlen_fwd_kernel[(seqs.numel(), B * H)](
@@ -132,7 +137,7 @@ def varlen_backward(do, q, k, v, out, lse, cu, bounds: list[int], scale: float):
     strides = [x for t in (q, k, v, do, dq) for x in _scaled(_strides(t), unit)]
     common = dict(HEAD_D=D, BLOCK_D=bd, STRIDE_UNIT=unit)
     # dK, dV: rows are keys (the kernel's BLOCK_N), columns queries (BLOCK_M).
-    tile = configs.pick_tile("dkdv", D, es)
+    tile = varlen_tile(configs.active_table(), "dkdv", D, es)
     seqs, rows = tile_table(bounds, tile.block_m, q.device)
     if seqs.numel():
         attn_varlen_bwd_dkdv_kernel[(seqs.numel(), B * H)](
@@ -140,7 +145,7 @@ def varlen_backward(do, q, k, v, out, lse, cu, bounds: list[int], scale: float):
             BLOCK_M=tile.block_n, BLOCK_N=tile.block_m, num_warps=tile.num_warps,
             num_stages=tile.num_stages, **common,
         )  # fmt: skip
-    tile = configs.pick_tile("dq", D, es)
+    tile = varlen_tile(configs.active_table(), "dq", D, es)
     seqs, rows = tile_table(bounds, tile.block_m, q.device)
     if seqs.numel():
         attn_varlen_bwd_dq_kernel[(seqs.numel(), B * H)](

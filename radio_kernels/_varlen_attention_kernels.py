@@ -181,6 +181,17 @@ def attn_varlen_bwd_dq_kernel(
     tl.store(g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
+def varlen_tile(table: dict, launch: str, head_dim: int, elem_size: int):
+    """The tile the varlen kernels launch with: the global tile of ``table`` (see _attention_configs),
+    except where ptxas spills the varlen variant (it also keeps its segment bounds in registers)."""
+    from ._attention_configs import AMPERE_TABLE, Tile, block_d_of
+
+    bd = block_d_of(head_dim)
+    if table is AMPERE_TABLE and (launch, bd, elem_size) == ("dkdv", 64, 4):
+        return Tile(64, 32, 8, 3)  # sm_80: the 128-key fp32 tile spills 16 B here
+    return table[launch, bd, elem_size, False]
+
+
 def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     """One AuditConfig per (arch, launch, head dim, dtype) of the varlen kernels.
 
@@ -208,7 +219,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                         kernel, ptrs={n: ptrs[n] for n in names if n in ptrs},
                         ints=tuple(n for n in names if n not in ptrs and n not in floats), floats=floats,
                     )  # fmt: skip
-                    tile = table[launch, bd, es, False]
+                    tile = varlen_tile(table, launch, d, es)
                     rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
                     out.append(AuditConfig(
                         kernel=kernel,

@@ -141,6 +141,8 @@ def test_varlen_gpu_tile_tables_under_interpreter(table):
     """The 128-row GPU tiles on segments that start and end inside tiles."""
     with mock.patch.object(configs, "active_table", lambda: getattr(configs, table)):
         check_varlen(1, 1, [70, 130, 3], 64, torch.float16, packed=True)
+        if table == "AMPERE_TABLE":  # its own varlen fp32 D=64 dK/dV tile (64 keys)
+            check_varlen(1, 1, [70, 60], 64, torch.float32, packed=False)
 
 
 def test_varlen_reference_gradcheck():
