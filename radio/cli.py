@@ -120,13 +120,20 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="run directory written by radio train")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder for RadioModel.from_pretrained")
     p.add_argument("--no-ema", action="store_true", help="export the raw student weights instead of the EMA")
+    p.add_argument(
+        "--format",
+        choices=("radio", "transformers"),
+        default="radio",
+        help="radio: RadioModel.from_pretrained folder; transformers: a transformers.RadioModel folder "
+        "(+ radio_extras.safetensors with the adaptor heads)",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     from radio.train import export_run
 
-    path = export_run(args.run, args.out, use_ema=not args.no_ema)
-    print(f"exported {'student' if args.no_ema else 'EMA'} weights of {path} to {args.out}")
+    path = export_run(args.run, args.out, use_ema=not args.no_ema, format=args.format)
+    print(f"exported {'student' if args.no_ema else 'EMA'} weights of {path} to {args.out} ({args.format} format)")
     return 0
 
 

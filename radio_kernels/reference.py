@@ -23,6 +23,8 @@ angular_loss
     Rows holding Inf or NaN (in x or y) give Theta = NaN and NaN gradient rows, on both backends.
 attention
     softmax(q k^T * scale) v with the window / prefix visibility of ``attention_mask``.
+varlen_attention
+    the same, block-diagonal over the packed segments of ``cu_seqlens`` (``varlen_attention_mask``).
 """
 
 from __future__ import annotations
@@ -225,6 +227,52 @@ def attention_flops(n: int, num_prefix: int, window_tokens: int, d: int, batch_h
     return 4.0 * batch_heads * pairs * d
 
 
+# ----------------------------------------------------------------------------------------
+# Variable-length (packed) attention: block-diagonal over cu_seqlens
+# ----------------------------------------------------------------------------------------
+def varlen_attention_mask(cu_seqlens: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """Boolean (N, N) visibility of packed sequences: token i sees token j iff both lie in one
+    segment [cu[s], cu[s+1]). A dense definition for tests."""
+    idx = torch.arange(n, device=device)
+    segment = torch.bucketize(idx, cu_seqlens.to(device=device, dtype=torch.long)[1:], right=True)
+    return segment[:, None] == segment[None, :]
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Block-diagonal attention of packed sequences: one SDPA call per segment of ``cu_seqlens``.
+
+    q, k, v (B, H, N, D), cu_seqlens (S + 1,) with cu[0] = 0, cu[S] = N; returns (B, H, N, D) stored
+    as (B, N, H, D), like ``attention``. Each segment is exactly what SDPA gives that sequence alone.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=scale)
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
+    ]
+    out = torch.cat(parts, dim=2) if parts else torch.empty_like(q)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def varlen_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + block-diagonal mask) v with an explicit N x N score matrix (test oracle)."""
+    dtype = _math_dtype(q, k, v)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(dtype), k.to(dtype)) * scale
+    scores = scores.masked_fill(~varlen_attention_mask(cu_seqlens, q.shape[2], q.device), float("-inf"))
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v.to(dtype)).to(q.dtype)
+
+
+def varlen_attention_flops(cu_seqlens: torch.Tensor, d: int, batch_heads: int) -> float:
+    """Forward FLOPs on visible pairs of packed sequences: 4 * B*H * sum_s n_s^2 * D."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    return 4.0 * batch_heads * float((lengths * lengths).sum()) * d
+
+
 __all__ = [
     "angle",
     "angular_dispersion",
@@ -239,4 +287,8 @@ __all__ = [
     "sdpa_attention",
     "shifted_mse",
     "unit_rows",
+    "varlen_attention",
+    "varlen_attention_dense",
+    "varlen_attention_flops",
+    "varlen_attention_mask",
 ]

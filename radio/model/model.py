@@ -99,6 +99,7 @@ class RadioModel(nn.Module):
                 config.layer_scale,
                 norm_eps=1e-6,
                 backend=config.attention_backend,
+                ffn=config.ffn,
             )
             for _ in range(config.depth)
         )
@@ -327,11 +328,15 @@ class RadioModel(nn.Module):
         *,
         generator: torch.Generator | None = None,
         cpe_uniforms: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
     ):
         """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
 
         x of another float dtype than the model's is cast to the model's (outside autocast); x on
         another device raises. Values far outside [0, 1] (0-255 pixels) give a one-time warning.
+
+        Packed batch of images of different sizes (transformers' layout): x (T, 3*p*p) patches and
+        ``image_grid_hw`` (S, 2) grids; summary (S, .), features (T, D); see ``radio.model.packed``.
 
         Training-time CPE randomness (table crop and position dropout per sample, radio.model.cpe):
         ``cpe_uniforms`` (B, 5) float U(0, 1) draws, columns (side scale, aspect, offset x, offset y,
@@ -339,6 +344,10 @@ class RadioModel(nn.Module):
         them the draws come from ``generator`` (else the global RNG). Both are unused in eval mode.
         """
         _check_feature_fmt("feature_fmt", feature_fmt)
+        if image_grid_hw is not None:
+            from .packed import forward_packed
+
+            return forward_packed(self, x, image_grid_hw, feature_fmt, generator, cpe_uniforms)
         tokens, grid = self.forward_features(x, generator, cpe_uniforms)
         return self._outputs(tokens, grid, feature_fmt)
 
@@ -400,15 +409,24 @@ class RadioModel(nn.Module):
         return self._outputs(self.norm(tokens) if norm else tokens, grid, output_fmt), intermediates
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "radio") -> None:
         """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``
-        (refused, ``radio.finite.NonFiniteError``, when a weight holds NaN / Inf)."""
+        (refused, ``radio.finite.NonFiniteError``, when a weight holds NaN / Inf).
+
+        ``format="transformers"``: a folder ``transformers.RadioModel.from_pretrained`` loads, plus a side
+        file with what it has no place for (``radio.model.hf_transformers``).
+        """
         from safetensors.torch import save_file
 
         from radio.finite import check_finite
 
+        if format not in ("radio", "transformers"):
+            raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
         check_finite(self, f"a model to {str(directory)!r}")
+        if format == "transformers":
+            from .hf_transformers import save_transformers_folder
 
+            return save_transformers_folder(self, directory)
         os.makedirs(directory, exist_ok=True)
         meta = {
             "format": "radio-model",
@@ -423,9 +441,16 @@ class RadioModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> RadioModel:
-        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs)."""
+        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs).
+
+        Also reads a ``transformers.RadioModel`` folder (config.json with ``model_type = "radio"``).
+        """
         from safetensors.torch import load_file
 
+        from .hf_transformers import is_transformers_folder, load_transformers_folder
+
+        if is_transformers_folder(directory):
+            return load_transformers_folder(cls, directory, map_location)
         config_path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise ValueError(f"directory {str(directory)!r} has no {CONFIG_FILE}; was it written by save_pretrained?")

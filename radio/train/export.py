@@ -15,14 +15,24 @@ from .checkpoint import load_latest_good, read_sharded_tensors
 __all__ = ["export_run"]
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: bool = True, log=print) -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    use_ema: bool = True,
+    log=print,
+    format: str = "radio",
+) -> Path:
     """Write the latest good checkpoint's EMA student (with its adaptor heads) to ``out_dir``, and each
     teacher's PHI-S transform (``radio.normalize.load_normalizers(out_dir)``).
 
-    Refuses (``radio.finite.NonFiniteError``) weights holding NaN / Inf.
+    ``format``: "radio" (this project's folder) or "transformers" (a ``transformers.RadioModel`` folder
+    plus the side file ``radio_extras.safetensors``; see ``radio.model.hf_transformers``). Refuses
+    (``radio.finite.NonFiniteError``) weights holding NaN / Inf.
 
     Returns the checkpoint file used.
     """
+    if format not in ("radio", "transformers"):
+        raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir {str(out_dir)!r} is an existing file; export writes a folder (give a new name)")
     # The newest checkpoint that verifies and loads; newer broken ones are reported and skipped.
@@ -36,7 +46,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, use_ema: 
     check_finite({weights: state[weights], "teachers": state["teachers"]}, f"an export of {path}")
     # LoRA adapters (student.lora) are folded into plain weights: W + (alpha / rank) B A.
     model.load_state_dict(merge_lora_state_dict(state[weights]))
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, format=format)
     # The adaptors were trained against PHI-S-normalised teachers: ship the fitted transforms, so that
     # load_normalizers(out_dir)[teacher].inverse(features) gives the teacher's own feature space.
     normalizers = {}
