@@ -152,7 +152,7 @@ def test_round_trip_keeps_heads_norms_and_training_fields(tmp_path):
     with torch.no_grad():
         tokens = hf(pixel_values=x).last_hidden_state
         expected, _ = ours.forward_features(x)
-    torch.testing.assert_close(ours._final_norm(tokens), expected, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(ours.norm(tokens), expected, atol=ATOL, rtol=1e-4)
 
 
 def test_export_rejects_what_transformers_cannot_run(tmp_path):
@@ -205,4 +205,4 @@ def test_cli_exports_a_run_for_transformers(tmp_path, capsys):
     x = torch.rand(1, 3, 48, 32)
     with torch.no_grad():
         tokens, _ = ours.forward_features(x)
-        torch.testing.assert_close(ours._final_norm(hf(pixel_values=x).last_hidden_state), tokens, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.norm(hf(pixel_values=x).last_hidden_state), tokens, atol=ATOL, rtol=0)

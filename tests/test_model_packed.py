@@ -27,7 +27,10 @@ def _images(sizes=SIZES, seed=1):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_equals_each_image_alone(backend):
     specs = [AdaptorSpec("siglip2", 16, 24), AdaptorSpec("sam3", None, 8, head="attn", upsample_factor=2)]
-    model = _model(specs)
+    model = _model(specs, feature_normalizer=True)
+    with torch.no_grad():  # a non-trivial output feature normaliser (patch tokens only)
+        model.feature_norm.mean.normal_()
+        model.feature_norm.tx.copy_(torch.randn_like(model.feature_norm.tx) * 0.3 + torch.eye(model.embed_dim))
     model.set_attention_backend(backend)
     images = _images()
     patches, grid = pack_images(images, model.patch_size)

@@ -108,11 +108,12 @@ def forward_packed(model, patches, image_grid_hw, feature_fmt="NLC", generator=N
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     for block in model.blocks:
         x = model._run_block(block, x, {"cu_seqlens": cu})
-    x = model._final_norm(x)[0]
+    x = model.norm(x)[0]
     P = cfg.num_prefix_tokens
     seqs = x.split(lengths)
     summary = torch.stack([seq[cfg.summary_idxs].flatten() for seq in seqs])
-    patch_tokens = [seq[P:] for seq in seqs]
+    # The output feature normaliser whitens the patch tokens only; summaries read the raw CLS tokens.
+    patch_tokens = [model.feature_norm(seq[None, P:])[0] for seq in seqs]
     backbone = RadioOutput(summary, torch.cat(patch_tokens))
     if not model.adaptor_specs:
         return backbone
