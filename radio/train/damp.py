@@ -67,15 +67,23 @@ def _noisy_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         self._damp_inside = False
 
 
+def _unwrapped(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def install_damp(module: nn.Module, names: list[str]) -> list[nn.Linear]:
     """Give the ``nn.Linear`` layers owning the weights ``names`` the DAMP forward (idempotent).
 
     Returns those layers, in the order of ``names`` (their index k seeds their noise).
     """
-    modules = dict(module.named_modules())
+    cached = module.__dict__.get("_damp_layers")
+    if cached is not None and cached[0] == tuple(names):  # resolved before (e.g. before blocks were compiled)
+        return cached[1]
+    # torch.compile wraps modules in OptimizedModule ("_orig_mod."): names match through the wrappers.
+    modules = {_unwrapped(n): m for n, m in module.named_modules()}
     layers = []
     for k, name in enumerate(names):
-        owner = name[: -len(".weight")] if name.endswith(".weight") else ""
+        owner = _unwrapped(name[: -len(".weight")] if name.endswith(".weight") else "")
         layer = modules.get(owner)
         if not isinstance(layer, nn.Linear) or not name.endswith("weight"):
             raise ValueError(f"DAMP: {name!r} is not the weight of an nn.Linear of the module")
@@ -84,6 +92,7 @@ def install_damp(module: nn.Module, names: list[str]) -> list[nn.Linear]:
             layer._damp_state, layer._damp_inside = None, False
         layer._damp_index = k
         layers.append(layer)
+    module.__dict__["_damp_layers"] = (tuple(names), layers)
     return layers
 
 
@@ -121,15 +130,18 @@ def damp_forward(
     /,
     *args,
     rank: int = 0,
+    owner: nn.Module | None = None,
     **kwargs,
 ):
     """``module(*args, **kwargs)`` with the weights ``names`` multiplied by (1 + sigma * eps).
 
+    ``names`` are parameter names of ``owner`` (default: ``module``); pass the bare model as ``owner``
+    when ``module`` wraps it (DDP, torch.compile): the noise lives on the Linear layers themselves.
     Draws this call's seed from ``noise_generator`` (one int64; none at ``sigma = 0``) and mixes it
     with ``rank``. The noise stays set on the layers after the call, so that a checkpointed block
     recomputed during backward sees the same W~; the next call replaces it.
     """
-    layers = install_damp(module, names)
+    layers = install_damp(module if owner is None else owner, names)
     if sigma == 0:
         set_damp(layers, 0.0, None)
         return module(*args, **kwargs)

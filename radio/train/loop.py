@@ -280,7 +280,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     raw.train()
     if not cfg.student.cpe_augmentation:
         raw.cpe.eval()  # inference-time CPE: no random table crops, no position dropout
-    models = StepModels(student, raw, ema, slots, linear_weight_names(student))
+    models = StepModels(student, raw, ema, slots, linear_weight_names(raw))
 
     # ---------------------------------------------------------------- data
     d = cfg.data

@@ -56,7 +56,7 @@ class Target:
 @dataclass
 class StepModels:
     """What a micro-step runs: ``student`` (maybe DDP / compiled) and the bare ``raw`` RadioModel,
-    the EMA copy, the teacher slots and the DAMP parameter names."""
+    the EMA copy, the teacher slots and the DAMP parameter names (of ``raw``)."""
 
     student: nn.Module
     raw: nn.Module
@@ -136,6 +136,7 @@ def micro_step_losses(
             damp_generator,
             x_student,
             rank=rank,  # DAMP noise is independent per rank
+            owner=models.raw,  # damp_names are the bare model's
             feature_fmt="NHWC",
             cpe_uniforms=batch.cpe_uniforms.to(device, non_blocking=True),
         )
