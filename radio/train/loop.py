@@ -175,8 +175,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     device = _device(cfg.run.device, info)
     started = time.perf_counter()
     # The images first: a bad folder should fail before anything is built or written.
-    source = ImageSource.from_config(cfg.data.image_dir)
-    train_images, held_images = split_holdout(source, cfg.data.holdout)
+    if cfg.data.shards is not None:  # webdataset shards (radio.data.loader): nothing is listed but the shards
+        from radio.data.loader import expand_shards, held_out_images, shard_loader
+
+        shards = expand_shards(cfg.data.shards)
+        held_images, held_keys = held_out_images(shards, cfg.data.holdout, cfg.data.min_image_side)
+    else:
+        source = ImageSource.from_config(cfg.data.image_dir)
+        train_images, held_images = split_holdout(source, cfg.data.holdout)
 
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
@@ -272,22 +278,38 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
 
     # ---------------------------------------------------------------- data
     d = cfg.data
-    dataset = ViewDataset(
-        train_images, geometry, raw.patch_size, cfg.run.seed, d.crop_scale, d.shift_std, d.max_shift, d.min_image_side
-    )
-    sampler = StepSampler(
-        len(train_images),
-        d.batch_size,
-        d.low_resolutions,
-        d.high_resolutions,
-        d.high_prob,
-        cfg.run.seed,
-        start=start * accum,
-        stop=stop * accum,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    batches = iter(make_loader(dataset, sampler, d.num_workers))
+    streams = None  # shards: the loader's per-stream positions, saved in checkpoints
+    if d.shards is not None:
+        resumed = state["data"].get("streams") if state is not None else None
+        loader = shard_loader(
+            d, cfg.run.seed, geometry, raw.patch_size, start * accum, stop * accum, info.rank, info.world_size,
+            resumed, held_keys, shards,
+        )  # fmt: skip
+        batches, streams = iter(loader), loader.state_dict
+    else:
+        dataset = ViewDataset(
+            train_images,
+            geometry,
+            raw.patch_size,
+            cfg.run.seed,
+            d.crop_scale,
+            d.shift_std,
+            d.max_shift,
+            d.min_image_side,
+        )
+        sampler = StepSampler(
+            len(train_images),
+            d.batch_size,
+            d.low_resolutions,
+            d.high_resolutions,
+            d.high_prob,
+            cfg.run.seed,
+            start=start * accum,
+            stop=stop * accum,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        batches = iter(make_loader(dataset, sampler, d.num_workers))
 
     # ---------------------------------------------------------------- the loop
     if info.is_main:
@@ -347,13 +369,17 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             lock.heartbeat()
 
         if done % cfg.run.checkpoint_every == 0 or done == stop:
-            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
+            _checkpoint(
+                run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, streams
+            )
             last_saved = done
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
-        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard)
+        _checkpoint(
+            run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, streams
+        )
 
     # ---------------------------------------------------------------- the end: plots, fidelity
     result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
@@ -397,16 +423,24 @@ def _last_good(run_dir: Path, last_saved: int) -> str:
     return f"; the last good checkpoint is {run_dir}/checkpoints/step_{last_saved:08d}.pt"
 
 
-def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard) -> None:
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically (finite weights only)."""
+def _checkpoint(
+    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, streams=None
+) -> None:
+    """Gather every rank's RNG state (and shard stream positions: ``streams()``), then rank 0 writes the
+    checkpoint atomically (finite weights only)."""
     rng = _rng_state(generators)
     per_rank = [rng]
+    positions = streams() if streams is not None else None
     if info.enabled:
         per_rank = [None] * info.world_size
         dist.all_gather_object(per_rank, rng)
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, sorted(skipped))
         skipped = set().union(*gathered)
+        if positions is not None:
+            parts = [None] * info.world_size
+            dist.all_gather_object(parts, positions)
+            positions = {s: p for part in parts for s, p in part.items()}
     if not info.is_main:
         return
     state = {
@@ -420,7 +454,7 @@ def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, gener
         "scheduler": scheduler.state_dict(),
         "teachers": {name: slot.state() for name, slot in slots.items()},
         "rng": {"per_rank": per_rank},
-        "data": {"skipped": sorted(skipped)},
+        "data": {"skipped": sorted(skipped)} | ({"streams": positions} if positions is not None else {}),
         "guard": guard.state_dict(),
     }
     check_finite({k: state[k] for k in ("student", "ema", "optimizer", "teachers")}, f"the checkpoint of step {step}")
