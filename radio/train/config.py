@@ -220,8 +220,10 @@ class TrainConfig:
         if d.shards is not None and d.image_dir is not None:
             raise ValueError("data.shards and data.image_dir are both set; give one source of images")
         _check_positive(d, "data", ("shuffle_buffer",))
-        if not isinstance(d.shard_streams, int) or d.shard_streams < 0 or (
-            d.shard_streams and d.batch_size % d.shard_streams
+        if (
+            not isinstance(d.shard_streams, int)
+            or d.shard_streams < 0
+            or (d.shard_streams and d.batch_size % d.shard_streams)
         ):
             raise ValueError(f"data.shard_streams must be 0 or divide data.batch_size, got {d.shard_streams!r}")
         if not 0 <= d.high_prob <= 1:
