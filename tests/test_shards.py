@@ -250,8 +250,8 @@ def test_two_gloo_ranks_stopped_then_resumed_by_one_process_equal_one_uninterrup
 
     save_config(_shard_cfg(tmp_path / "cfg", tmp_path / "shards"), tmp_path / "cfg.toml")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "radio", "train", "--config",
-           str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "part"), "--no-progress", "--stop-after", "2"]  # fmt: skip
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "radio", "train", "--no-progress",
+           "--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "part"), "--stop-after", "2"]  # fmt: skip
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ranks 2" in proc.stdout
