@@ -273,3 +273,16 @@ def test_two_gloo_ranks_stopped_then_resumed_by_one_process_equal_one_uninterrup
     assert ca["data"]["skipped"] == ["shard-000004.tar/000000008"]
     for k in ca["ema"]:
         torch.testing.assert_close(cb["ema"][k], ca["ema"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_shard_config_keys_are_validated(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", batch_size=4)
+    cfg.data.shards, cfg.data.image_dir = str(tmp_path), str(tmp_path)
+    with pytest.raises(ValueError, match="both set"):
+        cfg.validate()
+    cfg.data.image_dir, cfg.data.shard_streams = None, 3
+    with pytest.raises(ValueError, match="shard_streams must be 0 or divide"):
+        cfg.validate()
+    cfg.data.shard_streams, cfg.data.shuffle_buffer = 2, 0
+    with pytest.raises(ValueError, match="shuffle_buffer must be a positive int"):
+        cfg.validate()

@@ -41,6 +41,7 @@ from .guard import NonFiniteError, NonFiniteGuard
 from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
+from .tblog import TensorBoardLog
 from .teaching import build_teachers, plan_all_views, plan_for
 
 __all__ = ["load_run_config", "train"]
@@ -316,6 +317,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         log(f"run directory: {run_dir}  (steps {start} -> {stop} of {total}, device {device}, ranks {info.world_size})")
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if info.is_main else None
+    tensorboard = None
+    if cfg.run.tensorboard and info.is_main:
+        tensorboard = TensorBoardLog(run_dir, start if state is not None else None)
+        cleanup.callback(tensorboard.close)
     last_saved = start if state is not None else -1
     step_time = time.perf_counter()
     for step in range(start, stop):
@@ -350,7 +355,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         try:
             applied = guard.check(done, totals, grad_norm, where=_last_good(run_dir, last_saved))
         except NonFiniteError:
-            _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard)
+            record = _log_record(
+                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
+            )
+            if tensorboard is not None:
+                tensorboard.log(record)
             raise
         if applied:
             apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
@@ -363,6 +372,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                 metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
             )
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution)
+            if tensorboard is not None:
+                tensorboard.log(record)
         step_time = time.perf_counter()
         bar.update(1)
         if lock is not None:
