@@ -286,3 +286,20 @@ def test_shard_config_keys_are_validated(tmp_path):
     cfg.data.shard_streams, cfg.data.shuffle_buffer = 2, 0
     with pytest.raises(ValueError, match="shuffle_buffer must be a positive int"):
         cfg.validate()
+
+
+def test_held_out_and_empty_shards(tmp_path):
+    """One-sample shards, the first held out: the stream never emits it (however often its epoch lists
+    only that shard); a stream whose shards hold nothing at all is a clear error, not a hang."""
+    from radio.data.loader import held_out_images
+
+    paths = _synthetic_shards(tmp_path / "s", shards=5, per_shard=1)
+    held, keys = held_out_images(paths, holdout=1, min_side=8)
+    assert held.items == [f"{paths[0]}/s00_000"] and held.load(0).shape == (40, 40, 3) and keys == {(0, 0)}
+    stream = ShardStream(ShardOrder(paths, seed=0), 0, 4, seed=0, buffer=64, min_side=8, exclude=keys)
+    names, _ = _take(stream, 200)
+    assert "shard-000000.tar/s00_000" not in names and len(set(names)) == 4
+    no_image = _write_tar(tmp_path / "e.tar", [("k0.json", b"{}")])
+    assert list(read_samples(no_image)) == [(0, "k0", None)]  # a sample without an image: skipped later
+    with pytest.raises(RuntimeError, match="no shard holds a sample"):
+        ShardStream(ShardOrder(paths[:1], seed=0), 0, 1, 0, 4, 8, exclude=keys).next_raw()

@@ -223,22 +223,21 @@ class ShardStream:
         self, epoch: int, shard: int, sample: int
     ) -> Iterator[tuple[tuple[int, int, int], str, bytes | None]]:
         """Raw samples from (epoch, shard, sample) on, each with the position just after it."""
-        empty_epochs = 0
+        barren: set[int] = set()  # shards read since the last sample: all of them = nothing left to read
         for e in itertools.count(epoch):
             shards = self.order.stream_shards(e, self.stream, self.num_streams)
-            produced = False
             for i in range(shard if e == epoch else 0, len(shards)):
                 g = int(shards[i])
                 path = self.order.shards[g]
                 first = sample if (e == epoch and i == shard) else 0
+                barren.add(g)
                 for ordinal, key, data in read_samples(path, first):
                     if (g, ordinal) in self.exclude:
                         continue
-                    produced = True
+                    barren.clear()
                     yield (e, i, ordinal + 1), f"{os.path.basename(path)}/{key}", data
-            empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise RuntimeError(f"stream {self.stream}: its shards hold no samples")
+                if len(barren) == len(self.order):
+                    raise RuntimeError(f"stream {self.stream}: no shard holds a sample (all empty or held out)")
 
     def _fill(self) -> None:
         s = self._start
