@@ -218,7 +218,10 @@ class TrainConfig:
         if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
             raise ValueError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
         if d.shards is not None and d.image_dir is not None:
-            raise ValueError("data.shards and data.image_dir are both set; give one source of images")
+            raise ValueError(
+                "data.shards and data.image_dir are both set; give one source of images "
+                "(e.g. --set data.image_dir=none to train from shards)"
+            )
         _check_positive(d, "data", ("shuffle_buffer",))
         if (
             not isinstance(d.shard_streams, int)
