@@ -43,6 +43,7 @@ from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
 from .tblog import TensorBoardLog
 from .teaching import build_teachers, plan_all_views, plan_for
+from .timing import StepTimer
 
 __all__ = ["load_run_config", "train"]
 
@@ -322,12 +323,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         tensorboard = TensorBoardLog(run_dir, start if state is not None else None)
         cleanup.callback(tensorboard.close)
     last_saved = start if state is not None else -1
+    timer = StepTimer(device)  # data / teachers / student / losses + optimizer, per step
     step_time = time.perf_counter()
     for step in range(start, stop):
         sigma = damp_sigma(cfg.damp.sigma, cfg.damp.schedule, step, total)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(accum):
-            batch = next(batches)
+            with timer("data"):
+                batch = next(batches)
             skipped.update(batch.skipped)
             no_sync = info.enabled and micro < accum - 1
             with ddp.no_sync() if no_sync else nullcontext():
@@ -343,13 +346,16 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     damp_generator=generators["damp"],
                     world_size=info.world_size,
                     first_micro=micro == 0,
+                    timer=timer,
                 )
-                (objective / accum).backward()
+                with timer("student"):
+                    (objective / accum).backward()
             for k, v in parts.items():
                 totals[k] += v / accum
         lr = scheduler.get_last_lr()[0]
         done = step + 1
-        grad_norm = clip_gradients(raw, cfg.optim.grad_clip)
+        with timer("losses_optimizer"):
+            grad_norm = clip_gradients(raw, cfg.optim.grad_clip)
 
         # ------------------------------------------------------------ the guard: apply only finite steps
         try:
@@ -361,17 +367,34 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             if tensorboard is not None:
                 tensorboard.log(record)
             raise
-        if applied:
-            apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
-        else:
-            skip_step(optimizer, scheduler)
+        with timer("losses_optimizer"):
+            if applied:
+                apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
+            else:
+                skip_step(optimizer, scheduler)
+        timer.step()
 
         # ------------------------------------------------------------ metrics (summed over ranks)
         if done % cfg.run.log_every == 0 or done == stop or not applied:
             record = _log_record(
-                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
+                metrics_file,
+                done,
+                lr,
+                totals,
+                grad_norm,
+                sigma,
+                batch,
+                step_time,
+                accum,
+                d,
+                skipped,
+                guard,
+                timer.pop(),
             )
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution)
+            split = "/".join(f"{record[f'time/{k}']:.2f}" for k in ("data", "teachers", "student", "losses_optimizer"))
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution, s=split
+            )
             if tensorboard is not None:
                 tensorboard.log(record)
         step_time = time.perf_counter()
@@ -406,8 +429,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     return result
 
 
-def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard) -> dict:
-    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN)."""
+def _log_record(
+    metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times=None
+) -> dict:
+    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN); ``times``:
+    seconds per step in data / teachers / student / losses_optimizer (``radio.train.timing``)."""
     keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
     values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
     images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
@@ -420,6 +446,7 @@ def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_ti
         "skipped_images": len(skipped),
         "skipped_steps": guard.skipped_steps,
     }
+    record |= times or {}
     if not all(math.isfinite(v) for v in values) or not math.isfinite(record["grad_norm"]):
         record["applied"] = False
     if metrics_file is not None:
