@@ -303,3 +303,29 @@ def test_held_out_and_empty_shards(tmp_path):
     assert list(read_samples(no_image)) == [(0, "k0", None)]  # a sample without an image: skipped later
     with pytest.raises(RuntimeError, match="no shard holds a sample"):
         ShardStream(ShardOrder(paths[:1], seed=0), 0, 1, 0, 4, 8, exclude=keys).next_raw()
+
+
+def test_reading_memory_does_not_grow_with_the_number_of_samples(tmp_path):
+    """tracemalloc peak while a stream reads every sample of 2 vs 6 shards of 250 samples: the same (one
+    chunk and one tar header at a time; no list of samples or tar members is ever built)."""
+    import tracemalloc
+
+    def shards(n, folder):
+        folder.mkdir()
+        return [
+            _write_tar(folder / f"{k}.tar", [(f"{k}_{i:04d}.jpg", bytes(64)) for i in range(250)]) for k in range(n)
+        ]
+
+    peaks = []
+    for n in (2, 6):
+        paths = shards(n, tmp_path / str(n))
+        stream = ShardStream(ShardOrder(paths, seed=0), 0, 1, seed=0, buffer=16, min_side=8)
+        tracemalloc.start()
+        for _ in range(250 * n):
+            stream.next_raw()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert stream.state().epoch == 0 and stream.state().shard == n - 1  # read to the last shard's end
+    assert peaks[1] < 1.5 * peaks[0] + 50_000, peaks
+    # nor per shard: keeping one shard's 250 tar headers (tarfile's habit) would already peak at ~150 kB
+    assert peaks[1] < 100_000, peaks
