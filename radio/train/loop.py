@@ -376,20 +376,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
 
         # ------------------------------------------------------------ metrics (summed over ranks)
         if done % cfg.run.log_every == 0 or done == stop or not applied:
+            times = timer.pop()
             record = _log_record(
-                metrics_file,
-                done,
-                lr,
-                totals,
-                grad_norm,
-                sigma,
-                batch,
-                step_time,
-                accum,
-                d,
-                skipped,
-                guard,
-                timer.pop(),
+                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times
             )
             split = "/".join(f"{record[f'time/{k}']:.2f}" for k in ("data", "teachers", "student", "losses_optimizer"))
             bar.set_postfix(
