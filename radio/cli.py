@@ -74,6 +74,14 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-keys", action="store_true", help="print every config key --set accepts and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameter counts, per-rank memory (DDP / FSDP) and FLOPs per image, load no weights, and exit",
+    )
+    p.add_argument(
+        "--world-size", type=int, metavar="W", help="ranks to plan for with --dry-run (default: $WORLD_SIZE or 1)"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -103,6 +111,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    if args.dry_run:
+        from radio.train.plan import format_plan, plan_run
+
+        world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        print(format_plan(plan_run(cfg, world), cfg))
+        return 0
+    if args.world_size is not None:
+        raise ValueError("--world-size only applies to --dry-run (a run takes its ranks from torchrun)")
     check_runtime(cfg)  # device and kernel backend, before a run directory exists
     result = train(cfg, resume=bool(args.resume), stop_after=args.stop_after, progress=not args.no_progress)
     fidelity = result.get("fidelity")
@@ -194,6 +210,9 @@ _TRAIN_EXAMPLES = """examples:
   radio train --steps 1000 --stop-after 200 --out runs/a && radio train --resume runs/a
   torchrun --nproc-per-node 8 -m radio train --preset c-radiov4 --set data.image_dir=/data/images
   radio train --list-keys                             every config key --set accepts
+  radio train --preset c-radiov4 --dry-run --world-size 64
+                                                      memory per rank and FLOPs, from configs only
+  radio data pack /data/images --out /data/shards --shard-size 10000 && radio train --set data.shards=/data/shards
 """
 
 register_subcommand(
@@ -208,6 +227,7 @@ register_subcommand(
     _export_onnx_arguments,
     _export_onnx,
 )
+import radio.cli_data  # noqa: E402, F401  (registers ``radio data``; imports nothing heavy)
 import radio.cli_viz  # noqa: E402, F401  (registers ``radio viz``; imports nothing heavy)
 
 # ----------------------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ class DataConfig:
     """Images, crops, shifts and resolutions (METHOD.md §4)."""
 
     image_dir: str | None = None  # None: the images bundled with scikit-image
+    # Webdataset tar shards instead of image_dir: a folder of .tar, one .tar or "prefix-{000000..000999}.tar"
+    # (radio.data.loader: streaming, per-rank shards, exact resume; `radio data pack` writes them).
+    shards: str | None = None
+    shuffle_buffer: int = 256  # shards: samples shuffled together, per stream (held in memory, encoded)
+    shard_streams: int = 0  # shards: independent sample streams; 0 = batch_size. Ranks must divide it.
     holdout: int = 3  # images held out for the fidelity measurement
     batch_size: int = 8  # global batch per micro-step (split across DDP ranks)
     num_workers: int = 1
@@ -205,6 +210,7 @@ class RunConfig:
     # "ddp": replicated student, one checkpoint file. "fsdp": FSDP2-sharded student, EMA and AdamW
     # moments, sharded checkpoints (torch.distributed.checkpoint) resumable at another world size.
     parallel: str = "ddp"
+    tensorboard: bool = False  # also log metrics to <run>/tensorboard (pip install 'radio-train[tensorboard]')
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
@@ -246,6 +252,8 @@ class TrainConfig:
         _check_choice("run.nonfinite", self.run.nonfinite, ("stop", "skip"))
         _check_choice("run.parallel", self.run.parallel, ("ddp", "fsdp"))
         _check_positive(self.run, "run", ("max_skipped",))
+        if self.run.tensorboard:
+            _check_tensorboard()
         if self.run.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.run.threads}")
         _check_seed("run.seed", self.run.seed)
@@ -256,6 +264,18 @@ class TrainConfig:
             raise ValueError("data.num_workers, data.holdout, data.max_shift and data.shift_std must be >= 0")
         if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
             raise ValueError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
+        if d.shards is not None and d.image_dir is not None:
+            raise ValueError(
+                "data.shards and data.image_dir are both set; give one source of images "
+                "(e.g. --set data.image_dir=none to train from shards)"
+            )
+        _check_positive(d, "data", ("shuffle_buffer",))
+        if (
+            not isinstance(d.shard_streams, int)
+            or d.shard_streams < 0
+            or (d.shard_streams and d.batch_size % d.shard_streams)
+        ):
+            raise ValueError(f"data.shard_streams must be 0 or divide data.batch_size, got {d.shard_streams!r}")
         if not 0 <= d.high_prob <= 1:
             raise ValueError(f"data.high_prob must be in [0, 1], got {d.high_prob}")
         if not d.low_resolutions and not d.high_resolutions:
@@ -319,6 +339,16 @@ def _check_positive(obj, prefix: str, names) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{prefix}.{name} must be a positive int, got {value!r}")
+
+
+def _check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+    except ImportError:
+        raise ValueError(
+            "run.tensorboard = true needs the tensorboard package: pip install 'radio-train[tensorboard]' "
+            "(or pip install tensorboard), or set run.tensorboard = false"
+        ) from None
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -50,7 +50,9 @@ from .parallel import Parallel
 from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
+from .tblog import TensorBoardLog
 from .teaching import build_teachers, plan_all_views, plan_for
+from .timing import StepTimer
 
 __all__ = ["load_run_config", "train"]
 
@@ -185,8 +187,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     device = _device(cfg.run.device, info)
     started = time.perf_counter()
     # The images first: a bad folder should fail before anything is built or written.
-    source = ImageSource.from_config(cfg.data.image_dir)
-    train_images, held_images = split_holdout(source, cfg.data.holdout)
+    if cfg.data.shards is not None:  # webdataset shards (radio.data.loader): nothing is listed but the shards
+        from radio.data.loader import expand_shards, held_out_images, shard_loader
+
+        shards = expand_shards(cfg.data.shards)
+        held_images, held_keys = held_out_images(shards, cfg.data.holdout, cfg.data.min_image_side)
+    else:
+        source = ImageSource.from_config(cfg.data.image_dir)
+        train_images, held_images = split_holdout(source, cfg.data.holdout)
 
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
@@ -284,35 +292,64 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
 
     # ---------------------------------------------------------------- data
     d = cfg.data
-    dataset = ViewDataset(
-        train_images, geometry, raw.patch_size, cfg.run.seed, d.crop_scale, d.shift_std, d.max_shift, d.min_image_side
-    )
-    sampler = StepSampler(
-        len(train_images),
-        d.batch_size,
-        d.low_resolutions,
-        d.high_resolutions,
-        d.high_prob,
-        cfg.run.seed,
-        start=start * accum,
-        stop=stop * accum,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    batches = iter(make_loader(dataset, sampler, d.num_workers))
+    streams = None  # shards: the loader's per-stream positions, saved in checkpoints
+    if d.shards is not None:
+        resumed = state["data"].get("streams") if state is not None else None
+        loader = shard_loader(
+            d, cfg.run.seed, geometry, raw.patch_size, start * accum, stop * accum, info.rank, info.world_size,
+            resumed, held_keys, shards,
+        )  # fmt: skip
+        batches, streams = iter(loader), loader.state_dict
+    else:
+        dataset = ViewDataset(
+            train_images,
+            geometry,
+            raw.patch_size,
+            cfg.run.seed,
+            d.crop_scale,
+            d.shift_std,
+            d.max_shift,
+            d.min_image_side,
+        )
+        sampler = StepSampler(
+            len(train_images),
+            d.batch_size,
+            d.low_resolutions,
+            d.high_resolutions,
+            d.high_prob,
+            cfg.run.seed,
+            start=start * accum,
+            stop=stop * accum,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        batches = iter(make_loader(dataset, sampler, d.num_workers))
 
     # ---------------------------------------------------------------- the loop
     if info.is_main:
         log(f"run directory: {run_dir}  (steps {start} -> {stop} of {total}, device {device}, ranks {info.world_size})")
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if info.is_main else None
+    tensorboard = None
+    if cfg.run.tensorboard and info.is_main:
+        tensorboard = TensorBoardLog(run_dir, start if state is not None else None)
+        cleanup.callback(tensorboard.close)
     last_saved = start if state is not None else -1
+
+    def checkpoint_at(step_number: int) -> None:  # collective: every rank calls it
+        _checkpoint(
+            run_dir, step_number, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard,
+            parallel, streams,
+        )  # fmt: skip
+
+    timer = StepTimer(device)  # data / teachers / student / losses + optimizer, per step
     step_time = time.perf_counter()
     for step in range(start, stop):
         sigma = damp_sigma(cfg.damp.sigma, cfg.damp.schedule, step, total)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(accum):
-            batch = next(batches)
+            with timer("data"):
+                batch = next(batches)
             skipped.update(batch.skipped)
             with parallel.sync(student, raw, last_micro=micro == accum - 1):
                 objective, parts = micro_step_losses(
@@ -328,48 +365,59 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     world_size=info.world_size,
                     first_micro=micro == 0,
                     rank=info.rank,
+                    timer=timer,
                 )
-                (objective / accum).backward()
+                with timer("student"):
+                    (objective / accum).backward()
             for k, v in parts.items():
                 totals[k] += v / accum
         lr = scheduler.get_last_lr()[0]
         done = step + 1
-        grad_norm = parallel.grad_norm(clip_gradients(raw, cfg.optim.grad_clip))
+        with timer("losses_optimizer"):
+            grad_norm = parallel.grad_norm(clip_gradients(raw, cfg.optim.grad_clip))
 
         # ------------------------------------------------------------ the guard: apply only finite steps
         try:
             applied = guard.check(done, totals, grad_norm, where=_last_good(run_dir, last_saved))
         except NonFiniteError:
-            _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard)
-            raise
-        if applied:
-            apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
-        else:
-            skip_step(optimizer, scheduler)
-
-        # ------------------------------------------------------------ metrics (summed over ranks)
-        if done % cfg.run.log_every == 0 or done == stop or not applied:
             record = _log_record(
                 metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
             )
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution)
+            if tensorboard is not None:
+                tensorboard.log(record)
+            raise
+        with timer("losses_optimizer"):
+            if applied:
+                apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
+            else:
+                skip_step(optimizer, scheduler)
+        timer.step()
+
+        # ------------------------------------------------------------ metrics (summed over ranks)
+        if done % cfg.run.log_every == 0 or done == stop or not applied:
+            times = timer.pop()
+            record = _log_record(
+                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times
+            )
+            split = "/".join(f"{record[f'time/{k}']:.2f}" for k in ("data", "teachers", "student", "losses_optimizer"))
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution, s=split
+            )
+            if tensorboard is not None:
+                tensorboard.log(record)
         step_time = time.perf_counter()
         bar.update(1)
         if lock is not None:
             lock.heartbeat()
 
         if done % cfg.run.checkpoint_every == 0 or done == stop:
-            _checkpoint(
-                run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
-            )
+            checkpoint_at(done)
             last_saved = done
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
-        _checkpoint(
-            run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
-        )
+        checkpoint_at(stop)
 
     # ---------------------------------------------------------------- the end: plots, fidelity
     result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
@@ -388,8 +436,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     return result
 
 
-def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard) -> dict:
-    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN)."""
+def _log_record(
+    metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times=None
+) -> dict:
+    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN); ``times``:
+    seconds per step in data / teachers / student / losses_optimizer (``radio.train.timing``)."""
     keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
     values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
     images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
@@ -402,6 +453,7 @@ def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_ti
         "skipped_images": len(skipped),
         "skipped_steps": guard.skipped_steps,
     }
+    record |= times or {}
     if not all(math.isfinite(v) for v in values) or not math.isfinite(record["grad_norm"]):
         record["applied"] = False
     if metrics_file is not None:
@@ -417,18 +469,24 @@ def _last_good(run_dir: Path, last_saved: int) -> str:
 
 
 def _checkpoint(
-    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel, streams=None
 ) -> None:
-    """Gather every rank's RNG state, then write the checkpoint (finite weights only): rank 0 alone
-    (``ddp``), or every rank its shards (``fsdp``). Collective."""
+    """Gather every rank's RNG state (and shard stream positions: ``streams()``), then write the
+    checkpoint (finite weights only): rank 0 alone (``ddp``), or every rank its shards (``fsdp``).
+    Collective."""
     rng = _rng_state(generators)
     per_rank = [rng]
+    positions = streams() if streams is not None else None
     if info.enabled:
         per_rank = [None] * info.world_size
         dist.all_gather_object(per_rank, rng)
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, sorted(skipped))
         skipped = set().union(*gathered)
+        if positions is not None:
+            parts = [None] * info.world_size
+            dist.all_gather_object(parts, positions)
+            positions = {s: p for part in parts for s, p in part.items()}
     tensors = parallel.states(raw, ema, optimizer)  # a collective under FSDP
     meta = {
         "step": step,
@@ -438,7 +496,7 @@ def _checkpoint(
         "scheduler": scheduler.state_dict(),
         "teachers": {name: slot.state() for name, slot in slots.items()},
         "rng": {"per_rank": per_rank},
-        "data": {"skipped": sorted(skipped)},
+        "data": {"skipped": sorted(skipped)} | ({"streams": positions} if positions is not None else {}),
         "guard": guard.state_dict(),
     }
     # Every rank checks its own shards; all refuse together if any found a NaN / Inf.

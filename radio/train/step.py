@@ -116,19 +116,24 @@ def micro_step_losses(
     world_size: int = 1,
     first_micro: bool = True,
     rank: int = 0,
+    timer=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch.
 
     ``first_micro``: the first micro-batch of its optimizer step (advances the PHI-S schedule).
+    ``timer``: a ``radio.train.timing.StepTimer`` charged with the teachers, the student (and EMA)
+    forward and the losses.
     """
+    section = timer if timer is not None else (lambda name: nullcontext())
     patch = models.raw.patch_size
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    targets = teacher_targets(batch, models.slots, plans, patch, device, advance=first_micro)
+    with section("teachers"):
+        targets = teacher_targets(batch, models.slots, plans, patch, device, advance=first_micro)
 
     x_student = batch.images(STUDENT, device)
     x_ema = batch.images("ema", device)
     grid = (x_student.shape[-2] // patch, x_student.shape[-1] // patch)
-    with autocast:
+    with section("student"), autocast:
         out = damp_forward(
             models.student,
             models.damp_names,
@@ -143,6 +148,12 @@ def micro_step_losses(
         with torch.no_grad():
             tokens, ema_grid = models.ema.forward_features(x_ema)
             ema_features = models.ema.patch_features(tokens).reshape(tokens.shape[0], *ema_grid, -1)
+    with section("losses_optimizer"):
+        return _losses(batch, models, targets, out, ema_features, grid, patch, mesa_weight, backend, device, world_size)
+
+
+def _losses(batch, models, targets, out, ema_features, grid, patch, mesa_weight, backend, device, world_size):
+    """The loss terms of ``micro_step_losses`` from the teachers' targets and the student's outputs."""
     ema_shift = teacher_shift(batch.origins[STUDENT], batch.origins["ema"], patch).to(device)
 
     # Each rank's share of the global overlap count, per spatial term (teachers, then MESA).
