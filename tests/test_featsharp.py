@@ -1,0 +1,189 @@
+"""FeatSharp upsampler: shapes per factor, gradients, the de-bias buffer, determinism, files."""
+
+import copy
+
+import pytest
+import torch
+
+from radio.teachers import tiny_teacher
+from radio.teachers.featsharp import (
+    FeatSharpUpsampler,
+    JBULevel,
+    LocalAttention,
+    featsharp_teacher_output,
+    load_featsharp,
+    prime_factors,
+    save_featsharp,
+)
+
+
+def _inputs(b, n, f, c, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, 8 * f * n, 8 * f * n, generator=g, dtype=dtype)
+    global_features = torch.randn(b, n, n, c, generator=g, dtype=dtype)
+    tiles = torch.randn(b, f * n, f * n, c, generator=g, dtype=dtype)
+    return images, global_features, tiles
+
+
+def _randomize(module: torch.nn.Module, seed: int = 1) -> None:
+    """Move every parameter off its (often zero / tiny) initial value, so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_prime_factors():
+    assert prime_factors(1) == []
+    assert prime_factors(2) == [2]
+    assert prime_factors(4) == [2, 2]
+    assert prime_factors(12) == [2, 2, 3]
+    with pytest.raises(ValueError, match="positive int"):
+        prime_factors(0)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_shapes_per_factor(factor):
+    torch.manual_seed(0)
+    up = FeatSharpUpsampler(16, 3, factor)
+    assert len(up.levels) == len(prime_factors(factor))
+    images, g, t = _inputs(2, 3, factor, 16)
+    out = up(images, g, t)
+    assert out.shape == (2, 3 * factor, 3 * factor, 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_teacher_output_with_tiny_siglip(factor):
+    teacher = tiny_teacher("siglip2")
+    torch.manual_seed(0)
+    up = FeatSharpUpsampler(teacher.feature_dim, teacher.native_size // teacher.patch_size, factor)
+    images = torch.rand(2, 3, 100, 100)  # resized to factor * native inside
+    out = featsharp_teacher_output(teacher, up, images)
+    n = teacher.native_size // teacher.patch_size
+    assert out.features.shape == (2, factor * n, factor * n, teacher.feature_dim)
+    # The summary is the teacher's own on the global view: unchanged by the upsampler.
+    native = torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
+    torch.testing.assert_close(out.summary, teacher(native).summary)
+    # A summary box runs its own view.
+    boxed = featsharp_teacher_output(teacher, up, images, summary_box=(10, 20, 60))
+    crop = images[..., 10:70, 20:80]
+    want = teacher(torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True)).summary
+    torch.testing.assert_close(boxed.summary, want)
+    torch.testing.assert_close(boxed.features, out.features)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="factor"):
+        FeatSharpUpsampler(8, 2, 0)
+    up = FeatSharpUpsampler(8, 2, 2)
+    images, g, t = _inputs(1, 2, 2, 8)
+    with pytest.raises(ValueError, match="tile features"):
+        up(images, g, t[:, :2])
+    with pytest.raises(ValueError, match="native"):
+        up(images, g[:, :1], t)
+    with pytest.raises(ValueError, match="images"):
+        up(images[:, :2], g, t)
+    teacher = tiny_teacher("siglip2")
+    with pytest.raises(ValueError, match="does not fit"):
+        featsharp_teacher_output(teacher, up, torch.rand(1, 3, 64, 64))
+
+
+def test_jbu_preserves_constants_and_follows_edges():
+    """Normalised kernel: constant features stay constant; with an edge in the pixels, the upsampled
+    step is sharper than bilinear (weights across the edge are down-weighted)."""
+    torch.manual_seed(0)
+    level = JBULevel(4, 2, radius=2)
+    images = torch.zeros(1, 3, 16, 16)
+    images[..., 8:] = 1.0  # a vertical edge halfway
+    const = torch.full((1, 4, 4, 4), 0.7)
+    torch.testing.assert_close(level(const, images), torch.full((1, 4, 8, 8), 0.7))
+    # Keys = the centred pixels themselves: unit vectors of opposite sign on the two sides of the edge.
+    level.keys = torch.nn.Identity()
+    with torch.no_grad():
+        level.log_temperature.fill_(torch.tensor(10.0).log())
+    step = torch.zeros(1, 4, 4, 4)
+    step[..., 2:] = 1.0
+    bilinear = torch.nn.functional.interpolate(step, size=(8, 8), mode="bilinear", align_corners=False)
+    out = level(step, images)
+    # Columns 3 and 4 straddle the edge: JBU pushes them towards their own side.
+    assert (out[..., 3] < bilinear[..., 3] - 0.02).all() and (out[..., 4] > bilinear[..., 4] + 0.02).all()
+
+
+def test_local_attention_is_local():
+    """A change at one token moves outputs only within the window radius."""
+    torch.manual_seed(0)
+    attn = LocalAttention(8, heads=2, window=3)
+    x = torch.randn(1, 8, 9, 9)
+    y = x.clone()
+    y[..., 4, 4] += 5.0
+    diff = (attn(x) - attn(y)).abs().sum(1)[0]
+    assert diff[3:6, 3:6].min() > 0
+    mask = torch.ones(9, 9, dtype=torch.bool)
+    mask[3:6, 3:6] = False
+    assert diff[mask].max() == 0
+
+
+def test_gradients_reach_every_parameter_and_gradcheck():
+    torch.manual_seed(0)
+    up = FeatSharpUpsampler(8, 2, 2)
+    _randomize(up)
+    images, g, t = _inputs(2, 2, 2, 8)
+    up(images, g, t).square().mean().backward()
+    for name, p in up.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+    # Analytic vs numeric gradient of the whole upsampler w.r.t. its feature inputs, in float64.
+    up = up.double()
+    images, g, t = _inputs(1, 2, 2, 8, dtype=torch.float64)
+    g.requires_grad_(True)
+    t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: up(images, a, b), (g, t), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_debias_removes_a_fixed_pattern():
+    """Features = content + a fixed pattern P per native position (in every tile and the global view).
+    An upsampler whose de-bias buffer holds P gives, on them, what the same upsampler without buffer
+    gives on the content alone."""
+    torch.manual_seed(0)
+    n, f, c = 3, 2, 8
+    clean = FeatSharpUpsampler(c, n, f)
+    _randomize(clean)
+    with torch.no_grad():
+        clean.bias.zero_()
+        clean.feature_mean.uniform_(-1, 1)
+        clean.feature_std.uniform_(0.5, 2)
+    debias = copy.deepcopy(clean)
+    pattern = torch.randn(n, n, c)
+    with torch.no_grad():
+        debias.bias.copy_(pattern)
+    images, g, t = _inputs(2, n, f, c)
+    raw_pattern = pattern * clean.feature_std  # the pattern in the teacher's units
+    noisy_g, noisy_t = g + raw_pattern, t + raw_pattern.repeat(f, f, 1)
+    torch.testing.assert_close(debias(images, noisy_g, noisy_t), clean(images, g, t), atol=1e-5, rtol=1e-5)
+    assert (clean(images, noisy_g, noisy_t) - clean(images, g, t)).abs().max() > 0.1
+
+
+def test_determinism_and_file_round_trip(tmp_path):
+    teacher = tiny_teacher("siglip2")
+    n = teacher.native_size // teacher.patch_size
+
+    def build():
+        torch.manual_seed(3)
+        up = FeatSharpUpsampler(teacher.feature_dim, n, 2)
+        _randomize(up, seed=4)
+        return up
+
+    a, b = build(), build()
+    images = torch.rand(2, 3, 128, 128)
+    out_a = featsharp_teacher_output(teacher, a, images).features
+    torch.testing.assert_close(out_a, featsharp_teacher_output(teacher, b, images).features, rtol=0, atol=0)
+    torch.testing.assert_close(out_a, featsharp_teacher_output(teacher, a, images).features, rtol=0, atol=0)
+    path = save_featsharp(a, teacher, tmp_path)
+    loaded = load_featsharp(tmp_path, teacher)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(featsharp_teacher_output(teacher, loaded, images).features, out_a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="trained for teacher"):
+        load_featsharp(path, tiny_teacher("dinov3"))
+    with pytest.raises(FileNotFoundError, match="no FeatSharp"):
+        load_featsharp(tmp_path / "missing")
