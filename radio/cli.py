@@ -199,6 +199,7 @@ register_subcommand(
     _export_onnx_arguments,
     _export_onnx,
 )
+import radio.cli_featsharp  # noqa: E402, F401  (registers ``radio featsharp``)
 import radio.cli_viz  # noqa: E402, F401  (registers ``radio viz``; imports nothing heavy)
 
 # ----------------------------------------------------------------------------------------------

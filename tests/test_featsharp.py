@@ -1,11 +1,12 @@
 """FeatSharp upsampler: shapes per factor, gradients, the de-bias buffer, determinism, files."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from radio.teachers import tiny_teacher
+from radio.teachers import Teacher, TeacherOutput, tiny_teacher
 from radio.teachers.featsharp import (
     FeatSharpUpsampler,
     JBULevel,
@@ -14,6 +15,12 @@ from radio.teachers.featsharp import (
     load_featsharp,
     prime_factors,
     save_featsharp,
+)
+from radio.teachers.featsharp.training import (
+    FeatSharpTrainConfig,
+    consistency_loss,
+    resample_boxes,
+    train_featsharp,
 )
 
 
@@ -155,6 +162,7 @@ def test_debias_removes_a_fixed_pattern():
         clean.feature_std.uniform_(0.5, 2)
     debias = copy.deepcopy(clean)
     pattern = torch.randn(n, n, c)
+    pattern = pattern - pattern.mean((0, 1))  # only the deviation between positions is identifiable
     with torch.no_grad():
         debias.bias.copy_(pattern)
     images, g, t = _inputs(2, n, f, c)
@@ -187,3 +195,103 @@ def test_determinism_and_file_round_trip(tmp_path):
         load_featsharp(path, tiny_teacher("dinov3"))
     with pytest.raises(FileNotFoundError, match="no FeatSharp"):
         load_featsharp(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+class PatternTeacher(Teacher):
+    """Per-patch linear teacher plus a fixed pattern per token position (its "position noise")."""
+
+    def __init__(self, pattern: torch.Tensor, patch: int = 8):
+        n, _, c = pattern.shape
+        super().__init__(
+            name="pattern", patch_size=patch, feature_dim=c, summary_dim=None, mean=(0.5,) * 3, std=(0.5,) * 3,
+            fixed_size=None, native_size=n * patch,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, c, patch, stride=patch)
+        self.register_buffer("pattern", pattern)
+        self.requires_grad_(False)
+
+    def _encode(self, pixels):
+        features = self.conv(pixels).permute(0, 2, 3, 1)
+        reps = (features.shape[1] // self.pattern.shape[0], features.shape[2] // self.pattern.shape[1])
+        return TeacherOutput(None, features + self.pattern.repeat(reps[0], reps[1], 1))
+
+
+def test_consistency_training_learns_the_fixed_pattern():
+    """The multi-view loss moves content but not the teacher's position pattern: the de-bias buffer
+    is the only thing that can explain it, and it learns it."""
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randn(4, 4, 8, generator=g)
+    pattern = pattern - pattern.mean((0, 1))
+    teacher = PatternTeacher(pattern)
+    torch.manual_seed(0)
+    up = FeatSharpUpsampler(8, 4, 2)
+    # Smooth random images (low-frequency noise), so that content varies slowly under the jitter.
+    images = torch.nn.functional.interpolate(torch.rand(64, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")
+    up.fit_normalization(teacher(images[:8]).features)
+    opt = torch.optim.AdamW(up.parameters(), lr=2e-2, weight_decay=0.0)
+    for step in range(40):
+        batch = images[(step * 4) % 64 :][:4]
+        loss = consistency_loss(up, teacher, batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learned = up.debias_pattern().detach() * up.feature_std  # back in the teacher's units
+    cos = torch.nn.functional.cosine_similarity(learned.flatten(), pattern.flatten(), dim=0)
+    assert cos > 0.8, f"learned de-bias pattern has cosine {cos:.3f} with the true pattern"
+
+
+def test_resample_boxes_identity_and_flip():
+    feats = torch.randn(2, 8, 8, 5)
+    whole = torch.tensor([[0, 0, 64], [0, 0, 64]])
+    pooled = torch.nn.functional.avg_pool2d(feats.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    no_flip = torch.zeros(2, dtype=torch.bool)
+    torch.testing.assert_close(resample_boxes(feats, whole, no_flip, 64, 4), pooled)
+    torch.testing.assert_close(resample_boxes(feats, whole, ~no_flip, 64, 4), pooled.flip(2))
+    # A box of the top-left quarter at the feature resolution returns that quarter exactly.
+    quarter = torch.tensor([[0, 0, 32], [0, 0, 32]])
+    torch.testing.assert_close(resample_boxes(feats, quarter, no_flip, 64, 4), feats[:, :4, :4])
+
+
+def _train_cfg(out, **kw):
+    base = dict(factor=2, steps=4, batch_size=2, checkpoint_every=2, warmup_steps=1, out=str(out))
+    return FeatSharpTrainConfig(**(base | kw))
+
+
+def test_train_resume_matches_an_uninterrupted_run(tmp_path):
+    full = train_featsharp(_train_cfg(tmp_path / "a"), progress=False, log=lambda *_: None)
+    assert full["step"] == 4 and full["file"] is not None
+    part = train_featsharp(_train_cfg(tmp_path / "b"), stop_after=2, progress=False, log=lambda *_: None)
+    assert part["file"] is None and not (tmp_path / "b" / "featsharp.pt").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train_featsharp(_train_cfg(tmp_path / "b"), progress=False, log=lambda *_: None)
+    done = train_featsharp(_train_cfg(tmp_path / "b"), resume=True, progress=False, log=lambda *_: None)
+    assert done["step"] == 4
+    a = torch.load(tmp_path / "a" / "featsharp.pt", weights_only=False)["state"]
+    b = torch.load(tmp_path / "b" / "featsharp.pt", weights_only=False)["state"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "loss.png").is_file()
+    with pytest.raises(ValueError, match="no FeatSharp checkpoint"):
+        train_featsharp(_train_cfg(tmp_path / "c"), resume=True, progress=False)
+
+
+def test_cli_featsharp_train(tmp_path, capsys):
+    from radio.cli import main
+
+    out = tmp_path / "fs"
+    rc = main(
+        ["featsharp", "train", "--factor", "2", "--steps", "2", "--batch-size", "1", "--out", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    assert "featsharp.pt" in capsys.readouterr().out
+    up = load_featsharp(out, tiny_teacher("siglip2"))
+    assert up.factor == 2
+    assert main(["featsharp", "train", "--factor", "0", "--out", str(tmp_path / "x")]) == 2

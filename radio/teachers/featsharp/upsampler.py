@@ -232,7 +232,13 @@ class FeatSharpUpsampler(nn.Module):
         self._check_grid(features, "features")
         x = (features.to(self.bias.dtype) - self.feature_mean) / self.feature_std
         reps = (features.shape[1] // self.native_tokens, features.shape[2] // self.native_tokens)
-        return x - self.bias.repeat(reps[0], reps[1], 1)
+        return x - self.debias_pattern().repeat(reps[0], reps[1], 1)
+
+    def debias_pattern(self) -> torch.Tensor:
+        """The subtracted pattern (n, n, C): the buffer minus its mean over positions. A constant offset
+        would shift the input and the consistency target alike (the loss cannot see it), so it is removed:
+        the buffer holds only the deviation of each position from the others."""
+        return self.bias - self.bias.mean((0, 1))
 
     def destandardize(self, features: torch.Tensor) -> torch.Tensor:
         return features * self.feature_std + self.feature_mean
