@@ -12,7 +12,7 @@ from radio.cli import register_subcommand
 __all__ = ["featsharp_train_command"]
 
 
-def featsharp_train_command(teacher: str, name_or_path: str | None, factor: int, out: str) -> str:
+def featsharp_train_command(teacher: str, name_or_path: str | None, factor: int | str, out: str) -> str:
     """The command line that trains the upsampler a config's ``teachers.<name>.featsharp`` points to."""
     path = f" --name-or-path {name_or_path}" if name_or_path else ""
     return f"radio featsharp train --teacher {teacher}{path} --factor {factor} --out {out}"

@@ -74,6 +74,7 @@ def featsharp_teacher_output(
     upsampler: FeatSharpUpsampler,
     images: torch.Tensor,
     summary_box: tuple[int, int, int] | None = None,
+    summary_view: torch.Tensor | None = None,
 ) -> TeacherOutput:
     """TeacherOutput with FeatSharp features (B, f*n, f*n, C) and the teacher's global-view summary.
 
@@ -81,6 +82,8 @@ def featsharp_teacher_output(
     native tiles, the global view (the whole image at the native size) and, when ``summary_box``
     = (top, left, side) selects a smaller square, that square's view for the summary (as in
     ``tiled_teacher_output``) run as one teacher batch; the upsampler fuses tiles and global view.
+    ``summary_view``: (B, 3, native, native) images to take the summary from instead (exclusive with
+    ``summary_box``), e.g. to reproduce another mode's summary pixel for pixel.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -95,7 +98,12 @@ def featsharp_teacher_output(
     full = _resize(images, f * side)
     views = [_cut_tiles(full, f, side), _resize(images, side)]
     box_view = summary_box is not None and tuple(summary_box) != (0, 0, images.shape[-1])
-    if box_view:
+    if summary_view is not None:
+        if summary_box is not None or summary_view.shape != (b, 3, side, side):
+            raise ValueError(f"summary_view must be ({b}, 3, {side}, {side}) and comes without summary_box")
+        views.append(summary_view.to(images.dtype))
+        box_view = True
+    elif box_view:
         top, left, size = summary_box
         h, w = images.shape[-2:]
         if not (0 <= top and 0 <= left and size > 0 and top + size <= h and left + size <= w):
