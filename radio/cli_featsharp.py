@@ -38,6 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--holdout", type=int, default=3, help="images kept out of training")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default; 1 suits tiny)")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--out", default="runs/featsharp", help="output folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings)")
@@ -62,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         checkpoint_every=args.checkpoint_every,
+        threads=args.threads,
         out=args.out,
     )
     if args.stop_after is not None and args.stop_after < 1:

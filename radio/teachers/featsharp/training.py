@@ -41,7 +41,7 @@ __all__ = [
     "consistency_loss",
     "jitter",
     "jittered_images",
-    "prepare_images",
+    "TrainingImages",
     "resample_boxes",
     "sample_batch",
     "teacher_views",
@@ -169,22 +169,33 @@ def consistency_loss(
     return F.mse_loss(prediction, target)
 
 
-def prepare_images(source, short_side: int) -> list[torch.Tensor]:
-    """Decode every image of ``source`` once, as (3, h, w) floats in [0, 1] downscaled (antialiased) so
-    that the short side is at most ``short_side`` (crops are resized to less than that anyway)."""
-    out = []
-    for i in range(len(source)):
-        img = torch.from_numpy(np.ascontiguousarray(source.load(i))).permute(2, 0, 1).float() / 255.0
+class TrainingImages:
+    """The training images as (3, h, w) floats in [0, 1], downscaled (antialiased) so that the short side
+    is at most ``short_side`` (crops are resized to less than that anyway). The few bundled images are
+    decoded once and kept; images of a folder are decoded when drawn (a folder may hold millions)."""
+
+    def __init__(self, source, short_side: int):
+        self.source, self.short_side = source, short_side
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i in self._cache:
+            return self._cache[i]
+        img = torch.from_numpy(np.ascontiguousarray(self.source.load(i))).permute(2, 0, 1).float() / 255.0
         short = min(img.shape[-2:])
-        if short > short_side:
-            size = (round(img.shape[-2] * short_side / short), round(img.shape[-1] * short_side / short))
+        if short > self.short_side:
+            size = (round(img.shape[-2] * self.short_side / short), round(img.shape[-1] * self.short_side / short))
             img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        out.append(img)
-    return out
+        if self.source.bundled:
+            self._cache[i] = img
+        return img
 
 
 def sample_batch(images, batch: int, side: int, min_crop: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, side, side) in [0, 1]: random images of ``images`` ((3, h, w) tensors), random square crops
+    """(B, 3, side, side) in [0, 1]: random images of ``images`` (indexable (3, h, w) tensors), random square crops
     (side in [min_crop, 1] x the short side), resized."""
     out = []
     idx = torch.randint(len(images), (batch,), generator=generator).tolist()
@@ -274,7 +285,7 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after: int | 
     optimizer = torch.optim.AdamW(upsampler.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     source, _ = split_holdout(ImageSource.from_config(cfg.image_dir), cfg.holdout)
-    train_images = prepare_images(source, math.ceil(cfg.factor * side / cfg.min_crop))
+    train_images = TrainingImages(source, math.ceil(cfg.factor * side / cfg.min_crop))
     metrics = out / "metrics.jsonl"
     start = 0
     if state is not None:
