@@ -12,10 +12,21 @@ from radio.cli import register_subcommand
 __all__ = ["featsharp_train_command"]
 
 
-def featsharp_train_command(teacher: str, name_or_path: str | None, factor: int | str, out: str) -> str:
+def featsharp_train_command(
+    teacher: str,
+    name_or_path: str | None,
+    factor: int | str,
+    out: str,
+    dtype: str = "float32",
+    image_dir: str | None = None,
+) -> str:
     """The command line that trains the upsampler a config's ``teachers.<name>.featsharp`` points to."""
-    path = f" --name-or-path {name_or_path}" if name_or_path else ""
-    return f"radio featsharp train --teacher {teacher}{path} --factor {factor} --out {out}"
+    parts = ["radio featsharp train", f"--teacher {teacher}"]
+    parts += [f"--name-or-path {name_or_path}"] if name_or_path else []
+    parts += [f"--dtype {dtype}"] if dtype != "float32" else []
+    parts += [f"--factor {factor}"]
+    parts += [f"--image-dir {image_dir}"] if image_dir else []
+    return " ".join([*parts, f"--out {out}"])
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,12 @@ def test_config_checks():
         apply_overrides(TrainConfig(), ["teachers.siglip2.high_res_mode=featsharp"])
     with pytest.raises(ValueError, match="not sam3"):
         apply_overrides(TrainConfig(), ["teachers.sam3.high_res_mode=featsharp", "teachers.sam3.featsharp=x"])
+    # The tiny demo: its highest resolution (128 px) over the tiny teacher's 64 px native -> factor 2.
+    cfg = apply_overrides(
+        TrainConfig(), ["teachers.siglip2.high_res_mode=featsharp", "teachers.siglip2.featsharp=nope"]
+    )
+    with pytest.raises(ValueError, match="radio featsharp train --teacher siglip2 --factor 2 --out nope"):
+        build_teachers(cfg, torch.device("cpu"))
 
 
 def test_c_radiov4_names_the_missing_file_and_the_command(tmp_path, monkeypatch):
@@ -53,7 +59,7 @@ def test_c_radiov4_names_the_missing_file_and_the_command(tmp_path, monkeypatch)
     assert f"{FEATSHARP_SIGLIP2}/featsharp.pt" in msg
     assert (
         "radio featsharp train --teacher siglip2 --name-or-path google/siglip2-giant-opt-patch16-384 "
-        f"--factor 3 --out {FEATSHARP_SIGLIP2}" in msg
+        f"--dtype bfloat16 --factor 3 --image-dir /path/to/images --out {FEATSHARP_SIGLIP2}" in msg
     )
     assert "high_res_mode=tile" in msg
 

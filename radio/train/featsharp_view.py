@@ -45,7 +45,9 @@ def train_command(name: str, tcfg: TeacherConfig, cfg: TrainConfig) -> str:
         native = int(m.group(1))  # e.g. google/siglip2-giant-opt-patch16-384
     top = max(cfg.data.high_resolutions, default=0)
     factor = str(max(1, math.ceil(top / native))) if native and top else "K"
-    command = featsharp_train_command(tcfg.kind, tcfg.name_or_path, factor, tcfg.featsharp)
+    command = featsharp_train_command(
+        tcfg.kind, tcfg.name_or_path, factor, tcfg.featsharp, dtype=tcfg.dtype, image_dir=cfg.data.image_dir
+    )
     if factor == "K":
         command += "   (K = ceil(largest high resolution / the teacher's native size))"
     return command
