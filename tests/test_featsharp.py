@@ -24,6 +24,15 @@ from radio.teachers.featsharp.training import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(b, n, f, c, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(b, 3, 8 * f * n, 8 * f * n, generator=g, dtype=dtype)

@@ -11,6 +11,15 @@ from radio.train.plots import read_metrics
 from radio.train.teaching import build_teachers
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def upsampler_dir(tmp_path_factory):
     """A factor-2 upsampler for the tiny SigLIP2 teacher (seed 0, as the trainer's default), 3 steps."""
