@@ -42,7 +42,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--teacher-seed", type=int, default=0, help="seed of the tiny teacher (default 0, as radio train)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="teacher dtype")
     t.add_argument("--factor", type=int, default=3, help="integer upsampling factor (default 3: 384 -> 1152 px)")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: the run's)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--image-dir", default=None, help="images (default: the ones bundled with scikit-image)")
@@ -52,7 +52,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default; 1 suits tiny)")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--out", default="runs/featsharp", help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps)")
     t.add_argument("--stop-after", type=int, default=None, help="end after this step with a checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         teacher_seed=args.teacher_seed,
         dtype=args.dtype,
         factor=args.factor,
-        steps=args.steps,
+        steps=300 if args.steps is None else args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         image_dir=args.image_dir,
@@ -79,7 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-    train_featsharp(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    train_featsharp(
+        cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress, steps=args.steps
+    )
     return 0
 
 

@@ -304,3 +304,10 @@ def test_cli_featsharp_train(tmp_path, capsys):
     up = load_featsharp(out, tiny_teacher("siglip2"))
     assert up.factor == 2
     assert main(["featsharp", "train", "--factor", "0", "--out", str(tmp_path / "x")]) == 2
+    # Interrupted, then resumed without --steps: the run keeps its own total, wherever the folder went.
+    common = ["--factor", "2", "--batch-size", "1", "--no-progress"]
+    assert main(["featsharp", "train", *common, "--steps", "3", "--stop-after", "1", "--out", str(tmp_path / "r")]) == 0
+    (tmp_path / "r").rename(tmp_path / "moved")
+    assert main(["featsharp", "train", "--resume", "--out", str(tmp_path / "moved"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert (tmp_path / "moved" / "featsharp.pt").is_file() and not (tmp_path / "r").exists()

@@ -238,22 +238,24 @@ def train_featsharp(
     stop_after: int | None = None,
     progress: bool = True,
     log=print,
+    steps: int | None = None,
 ) -> dict:
     """Train (or, ``resume=True``, continue) an upsampler in ``cfg.out``; returns {"out", "step", "loss", "file"}.
 
     ``stop_after``: end after that step with a checkpoint, as an interruption would (no featsharp.pt).
-    A resume takes the run's saved config, except ``steps`` (so a run can be extended).
+    A resume takes the run's saved config (only ``cfg.out`` is used), with ``steps`` as the new total
+    when given (a run can be extended) and the run's own otherwise.
     """
     threads = torch.get_num_threads()
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return _train_featsharp(cfg, resume, stop_after, progress, log)
+        return _train_featsharp(cfg, resume, stop_after, progress, log, steps)
     finally:
         torch.set_num_threads(threads)  # a process-wide setting: leave it as we found it
 
 
-def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
+def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progress: bool, log, steps) -> dict:
     from radio.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from radio.train.data import ImageSource, split_holdout
     from radio.train.plots import plot_losses
@@ -266,7 +268,13 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after: int | 
         if ckpt_path is None:
             raise ValueError(f"--resume: {str(out)!r} holds no FeatSharp checkpoint")
         state = load_checkpoint(ckpt_path)
-        cfg = FeatSharpTrainConfig(**(state["config"] | {"steps": cfg.steps}))
+        # The folder may have moved since: it is where the caller says.
+        cfg = FeatSharpTrainConfig(
+            **(state["config"] | {"out": str(out)} | ({} if steps is None else {"steps": steps}))
+        )
+        cfg.validate()
+        if cfg.steps < state["step"]:
+            raise ValueError(f"steps={cfg.steps} is below the step {state['step']} the run has reached")
     elif ckpt_path is not None:
         raise ValueError(f"{str(out)!r} already holds a FeatSharp run: pass --resume, or another --out")
     out.mkdir(parents=True, exist_ok=True)
