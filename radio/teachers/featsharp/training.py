@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EMA = 0.95  # smoothing of the logged loss_smoothed curve
 
 
 @dataclass
@@ -300,11 +301,12 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
         upsampler.load_state_dict(state["upsampler"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        start = state["step"]
+        start, loss_ema = state["step"], state.get("loss_ema", 0.0)
         # Drop records logged after the checkpoint (the run died after writing them).
         lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
         metrics.write_text("".join(ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start))
     else:
+        loss_ema = 0.0
         metrics.write_text("")
         (out / "featsharp_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
@@ -328,10 +330,11 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
         loss.backward()
         optimizer.step()
         loss_value = loss.item()
+        # The loss of one batch of random zooms is noisy: log a smoothed curve too (bias-corrected EMA).
+        loss_ema = _EMA * loss_ema + (1 - _EMA) * loss_value
+        record = {"step": step + 1, "loss": loss_value, "loss_smoothed": loss_ema / (1 - _EMA ** (step + 1))}
         with open(metrics, "a") as f:
-            f.write(
-                json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "time": time.perf_counter() - t0}) + "\n"
-            )
+            f.write(json.dumps(record | {"lr": lr, "time": time.perf_counter() - t0}) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
@@ -342,10 +345,11 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
                 "upsampler": upsampler.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
+                "loss_ema": loss_ema,
             }
             save_checkpoint(out, done, blob, cfg.keep_last)
     bar.close()
-    plot_losses(metrics, out / "loss.png")
+    plot_losses(metrics, out / "loss.png", title=f"radio featsharp train: {teacher.name}, factor {cfg.factor}")
     result = {"out": str(out), "step": max(start, end), "loss": loss_value, "file": None}
     if end >= cfg.steps:
         upsampler.eval()
