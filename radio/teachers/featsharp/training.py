@@ -7,8 +7,8 @@ One step, for a batch of images x resized to the tiled input (f * native px):
      i.e. from one tile's worth of zoom to the whole image) and a random horizontal flip. The
      teacher runs natively on the jittered image t(x) (the box resized to native, flipped):
      its de-biased, standardised output is the target;
-  4. the prediction applies the same jitter to U (bilinear sampling of the box, flipped) and
-     downsamples it to n x n (average of f x f samples per target token);
+  4. the prediction applies the same jitter to U (its part inside the box, flipped) and box-filters
+     it down to n x n (``resample_boxes``: each target token is the mean of U over its footprint);
   5. loss = mean squared error. The teacher's fixed-pattern noise sits at the same token of every
      native run but moves with the content under the jitter, so only the de-bias buffer (which is
      subtracted from the target too) can explain it: it learns the pattern, and the upsampler's
