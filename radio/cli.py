@@ -228,6 +228,7 @@ register_subcommand(
     _export_onnx,
 )
 import radio.cli_data  # noqa: E402, F401  (registers ``radio data``; imports nothing heavy)
+import radio.cli_featsharp  # noqa: E402, F401  (registers ``radio featsharp``)
 import radio.cli_viz  # noqa: E402, F401  (registers ``radio viz``; imports nothing heavy)
 
 # ----------------------------------------------------------------------------------------------

@@ -16,12 +16,15 @@ Real teachers: every ``teachers.<name>`` has ``kind`` (siglip2 | dinov3 | sam3, 
 hub name, or a local folder when offline; none = the tiny random teacher). ``--preset c-radiov4`` sets
 google/siglip2-giant-opt-patch16-384, facebook/dinov3-vit7b16-pretrain-lvd1689m and facebook/sam3 in
 bfloat16, the SO400M student, resolutions {128..432} / {512..1152}, batch 1024, EMA decay 0.9996 and
-the PHI-S schedule of METHOD.md. Multi-GPU: ``torchrun --nproc-per-node N -m radio train ...`` (the batch is global).
+the PHI-S schedule of METHOD.md; SigLIP2's high-partition targets come from a FeatSharp upsampler the
+user trains first (``radio featsharp train``; the missing file is named with that command).
+Multi-GPU: ``torchrun --nproc-per-node N -m radio train ...`` (the batch is global).
 
 Modules: config (dataclass tree, TOML, --set), data (views and step-indexed sampling), align
-(view geometry and student/teacher alignment), teaching (teachers, view plans), step (losses),
-damp, build (student, AdamW, schedule, EMA), init_from (start from released weights), adapt (freeze,
-LoRA), loop, checkpoint, fidelity, plots, export, distributed.
+(view geometry and student/teacher alignment), teaching (teachers, view plans), featsharp_view
+(FeatSharp targets), step (losses), damp, build (student, AdamW, schedule, EMA), init_from (start
+from released weights), adapt (freeze, LoRA), loop, guard (non-finite steps), parallel (DDP / FSDP),
+checkpoint, runlock, fidelity, plots, export, distributed.
 """
 
 from .config import TrainConfig, apply_overrides, load_config, save_config, valid_keys

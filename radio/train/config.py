@@ -48,7 +48,7 @@ __all__ = [
 
 TEACHER_KINDS = ("siglip2", "dinov3", "sam3", "hf", "timm")
 TEACHER_SUMMARIES = ("auto", "cls", "pooler", "none")
-HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
+HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize", "featsharp")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 LOSS_BACKENDS = ("auto", "triton", "torch")
@@ -69,6 +69,8 @@ class TeacherConfig:
     takes one size). "resize" is the fallback for fixed-size teachers whose canvas is smaller
     than the view: the student's crop is resized to the canvas, the student features are
     resampled bilinearly onto the teacher grid and that teacher sees no relative shift.
+    "featsharp": the high-partition target is the output of the trained FeatSharp upsampler in the
+    folder ``featsharp`` (``radio featsharp train --out DIR``; radio.train.featsharp_view).
     """
 
     kind: str = ""
@@ -93,6 +95,7 @@ class TeacherConfig:
     layer: int | None = None
     prefix_tokens: int | None = None
     summary: str = "auto"
+    featsharp: str | None = None  # folder (or .pt file) of a FeatSharp upsampler, for high_res_mode="featsharp"
 
 
 @dataclass
@@ -326,6 +329,11 @@ class TrainConfig:
             _check_choice(f"teachers.{name}.summary", t.summary, TEACHER_SUMMARIES)
             if t.kind in ("hf", "timm") and t.enabled and not t.name_or_path:
                 raise ValueError(f"teachers.{name}: kind {t.kind!r} needs name_or_path (a model name or folder)")
+            if t.high_res_mode == "featsharp" and (t.featsharp is None or t.kind == "sam3"):
+                raise ValueError(
+                    f"teachers.{name}.high_res_mode='featsharp' needs teachers.{name}.featsharp = DIR "
+                    "(from `radio featsharp train`) and a teacher of any input size (not sam3)"
+                )
             if t.spatial_weight < 0 or t.summary_weight < 0:
                 raise ValueError(f"teachers.{name}: loss weights must be >= 0")
             _check_seed(f"teachers.{name}.seed", t.seed)
@@ -430,14 +438,27 @@ def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
             raise ValueError(f"cannot resume: student.{key} changed from {student[key]!r} to {value!r}")
 
 
+# Where the c-radiov4 preset looks for SigLIP2's FeatSharp upsampler (teachers.siglip2.featsharp).
+FEATSHARP_SIGLIP2 = "featsharp/siglip2-g-384-3x"
+
+
 def _c_radiov4() -> TrainConfig:
     """Real-scale recipe (METHOD.md §4): SO400M student, real teachers, 128..1152 px."""
     cfg = TrainConfig()
     cfg.student = StudentConfig(preset="so400m")
     cfg.teachers = {
         # head="attn": the v4 spatial head (2 transformer blocks, then MLP2; METHOD.md §2).
+        # High partition: FeatSharp 3x (384 -> 1152 px). Expects FEATSHARP_SIGLIP2/featsharp.pt, made by
+        # radio featsharp train --teacher siglip2 --name-or-path google/siglip2-giant-opt-patch16-384 \
+        #     --dtype bfloat16 --factor 3 --image-dir /path/to/images --out featsharp/siglip2-g-384-3x
+        # (training refuses to start, naming this key and that command, while the file is missing).
         "siglip2": TeacherConfig(
-            kind="siglip2", name_or_path="google/siglip2-giant-opt-patch16-384", dtype="bfloat16", head="attn"
+            kind="siglip2",
+            name_or_path="google/siglip2-giant-opt-patch16-384",
+            dtype="bfloat16",
+            head="attn",
+            high_res_mode="featsharp",
+            featsharp=FEATSHARP_SIGLIP2,
         ),
         "dinov3": TeacherConfig(
             kind="dinov3", name_or_path="facebook/dinov3-vit7b16-pretrain-lvd1689m", dtype="bfloat16", head="attn"

@@ -17,7 +17,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> bool:
+def plot_losses(
+    metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "radio train: loss terms"
+) -> bool:
     """Plot every ``loss*`` key against ``step`` (log scale); returns False when there is nothing to plot."""
     records = read_metrics(metrics_path)
     if not records:
@@ -39,7 +41,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike) ->
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    ax.set_title("radio train: loss terms")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

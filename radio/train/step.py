@@ -84,7 +84,7 @@ def teacher_targets(
     student_origin = batch.origins[STUDENT]
     for name, slot in slots.items():
         plan = plans[name]
-        out = run_teacher(slot.teacher, batch.images(name, device), plan)
+        out = run_teacher(slot.teacher, batch.images(name, device), plan, slot.upsampler)
         features = out.features.float()
         if update:
             slot.normalizer.update(features, advance=advance)

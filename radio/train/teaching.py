@@ -6,6 +6,8 @@ normaliser (spatial targets), its running ``DispersionMeter`` (summary loss) and
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,7 @@ from radio_kernels import DispersionMeter
 from .align import ViewPlan, plan_view, resolve_mode
 from .config import TeacherConfig, TrainConfig
 from .data import STUDENT, ViewGeometry
+from .featsharp_view import check_featsharp_files, load_upsampler, plan_featsharp, run_featsharp
 
 __all__ = ["TeacherSlot", "build_teachers", "plan_all_views", "run_teacher"]
 
@@ -26,11 +29,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class TeacherSlot(nn.Module):
-    """One teacher with its normaliser and dispersion meter (the latter two are checkpointed)."""
+    """One teacher with its normaliser and dispersion meter (the latter two are checkpointed), and its
+    frozen FeatSharp upsampler when ``cfg.high_res_mode == "featsharp"`` (loaded from its file)."""
 
-    def __init__(self, name: str, cfg: TeacherConfig, teacher: Teacher, loss: TrainConfig):
+    def __init__(self, name: str, cfg: TeacherConfig, teacher: Teacher, loss: TrainConfig, upsampler=None):
         super().__init__()
-        self.name, self.cfg, self.teacher = name, cfg, teacher
+        self.name, self.cfg, self.teacher, self.upsampler = name, cfg, teacher, upsampler
         self.normalizer = PHISNormalizer(
             teacher.feature_dim, refresh_every=loss.loss.phis_refresh_every, freeze_after=loss.loss.phis_freeze_after
         )
@@ -55,6 +59,7 @@ class TeacherSlot(nn.Module):
 
 def build_teachers(cfg: TrainConfig, device: torch.device) -> dict[str, TeacherSlot]:
     """Load (``name_or_path``) or build (tiny, ``name_or_path=None``) every enabled teacher."""
+    check_featsharp_files(cfg)  # before any (possibly large) teacher is loaded
     slots = {}
     for name, tcfg in cfg.enabled_teachers().items():
         dtype = _DTYPES[tcfg.dtype]
@@ -77,7 +82,7 @@ def build_teachers(cfg: TrainConfig, device: torch.device) -> dict[str, TeacherS
             )
         if tcfg.compile:
             teacher.model = torch.compile(teacher.model)
-        slots[name] = TeacherSlot(name, tcfg, teacher, cfg).to(device)
+        slots[name] = TeacherSlot(name, tcfg, teacher, cfg, load_upsampler(name, tcfg, teacher)).to(device)
     return slots
 
 
@@ -96,7 +101,7 @@ def plan_all_views(
                     f"data.{partition}_resolutions: {res} is not a multiple of the student's min_resolution_step={step}"
                 )
             plans[(partition, res)] = {
-                name: plan_for(slot.teacher, slot.cfg, res, student_patch, high=partition == "high")
+                name: plan_for(slot.teacher, slot.cfg, res, student_patch, partition == "high", slot.upsampler)
                 for name, slot in slots.items()
             }
             geometry[(partition, res)] = {STUDENT: ViewGeometry(res), "ema": ViewGeometry(res)} | {
@@ -105,7 +110,13 @@ def plan_all_views(
     return plans, geometry
 
 
-def plan_for(teacher: Teacher, cfg: TeacherConfig, resolution: int, student_patch: int, high: bool) -> ViewPlan:
+def plan_for(
+    teacher: Teacher, cfg: TeacherConfig, resolution: int, student_patch: int, high: bool, upsampler=None
+) -> ViewPlan:
+    if cfg.high_res_mode == "featsharp":
+        if high:
+            return plan_featsharp(teacher, upsampler, resolution, student_patch)
+        cfg = dataclasses.replace(cfg, high_res_mode="plain")  # low partition: raw outputs
     mode = resolve_mode(cfg.high_res_mode, cfg.kind, teacher.fixed_size, high)
     return plan_view(mode, resolution, student_patch, teacher.patch_size, native_size(teacher), teacher.fixed_size)
 
@@ -117,13 +128,16 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_teacher(teacher: Teacher, images: torch.Tensor, plan: ViewPlan) -> TeacherOutput:
+def run_teacher(teacher: Teacher, images: torch.Tensor, plan: ViewPlan, upsampler=None) -> TeacherOutput:
     """Teacher output for a batch of crops (B, 3, crop, crop) in [0, 1]: features (B, T, T, C) per ``plan``.
 
     The crop is first resized to ``plan.input_size`` (a no-op when the patches agree), so one
     teacher token covers one student patch of the canvas. Mosaic views carry no summary; a tiled view
-    takes its summary from the student's region only (``plan.region``), not from its margins.
+    takes its summary from the student's region only (``plan.region``), not from its margins; a
+    "featsharp" view (its ``upsampler`` given) likewise, with the upsampler's output as features.
     """
+    if plan.mode == "featsharp":
+        return run_featsharp(teacher, upsampler, images, plan)
     if plan.mode == "tile":
         scale = plan.input_size / plan.crop  # canvas pixels -> teacher input pixels
         box = (round(plan.margin * scale), round(plan.margin * scale), round(plan.region * scale))
