@@ -16,13 +16,15 @@ def check_tensor(name: str, t, ndim: int | None = None, float_only: bool = True)
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_same_device(**tensors: torch.Tensor) -> torch.device:
+def check_same_device(allow_meta: bool = False, **tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors``. ``allow_meta``: meta tensors pass (ops without value checks, so that
+    shape-only passes such as a dry run's FLOP count can run through them)."""
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}")
-    if first.type == "meta":  # no data to compute on (and value checks cannot read it)
+    if first.type == "meta" and not allow_meta:  # no data to compute on (and value checks cannot read it)
         raise ValueError(f"{', '.join(devices)} are on the meta device, which holds no data; use CPU or CUDA tensors")
     return first
 

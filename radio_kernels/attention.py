@@ -57,7 +57,7 @@ def check_attention_args(q, k, v, num_prefix: int, window_tokens: int, scale) ->
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_same_device(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v, allow_meta=True)
     if q.shape[-1] == 0:
         raise ValueError(f"q, k and v need a head dim D >= 1, got shape {tuple(q.shape)}")
     n = q.shape[2]

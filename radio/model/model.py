@@ -229,9 +229,9 @@ class RadioModel(nn.Module):
     def _check_pixel_range(self, x: torch.Tensor) -> None:
         """Warn (once per model) when x is far outside [0, 1]: 0-255 pixels, or already normalised
         ones, still run but give meaningless features. Only the first calls are looked at (each look
-        waits for the device), never while compiling or exporting."""
+        waits for the device), never while compiling or exporting, nor on the meta device (dry runs)."""
         left = getattr(self, "_pixel_range_checks_left", PIXEL_RANGE_CHECKS)
-        if left <= 0 or self._external_preprocessor or x.numel() == 0:
+        if left <= 0 or self._external_preprocessor or x.numel() == 0 or x.is_meta:
             return
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return
