@@ -59,7 +59,7 @@ print(device_slug('cuda'))" | tee /dev/stderr | tail -n 1) || { echo "gpu.sh: no
     # kernel variant serially, ~300 variants here), pytest-timeout stops a hung test,
     # pytest-benchmark lets the benchmark tests run once each as plain tests.
     local -a args=(-p no:cacheprovider -rfE --durations=5)  # -q comes from pyproject addopts
-    local -a files=(tests/test_reference.py tests/test_losses.py tests/test_attention.py)
+    local -a files=(tests/test_reference.py tests/test_losses.py tests/test_attention.py tests/test_attention_varlen.py)
     local plugins
     plugins=$("$PY" -c "
 import importlib.util as u

@@ -29,20 +29,21 @@ import time
 
 from bench.summary import headline
 
-BENCHMARKS = ("losses", "attention", "model", "train_step")
+BENCHMARKS = ("losses", "attention", "model", "packed", "train_step")
 # Wall-clock cap per benchmark (seconds). With --total-s (gpu.sh), time a benchmark leaves unused
 # flows to the later ones, and the last one (train_step, the slowest) gets whatever is left.
 BUDGET_S = {
-    "cuda": {"losses": 45, "attention": 60, "model": 40, "train_step": 140},
-    "cpu": {"losses": 600, "attention": 600, "model": 600, "train_step": 600},  # guards against hangs only
+    "cuda": {"losses": 45, "attention": 60, "model": 40, "packed": 35, "train_step": 140},
+    # CPU: guards against hangs only
+    "cpu": {"losses": 600, "attention": 600, "model": 600, "packed": 600, "train_step": 600},
 }
 MIN_BUDGET_S = 20  # below this a benchmark is not started (python + torch import, reference alone)
 SUMMARY_RESERVE_S = 5  # kept back from --total-s for writing the summary
 # Each benchmark stops *starting* new measurements this long before its budget (passed as
 # --budget-s), so the one in flight can finish and its files be written before the hard stop.
 INNER_MARGIN_S = {
-    "cuda": {"losses": 10, "attention": 12, "model": 10, "train_step": 15},
-    "cpu": {"losses": 30, "attention": 30, "model": 30, "train_step": 60},
+    "cuda": {"losses": 10, "attention": 12, "model": 10, "packed": 10, "train_step": 15},
+    "cpu": {"losses": 30, "attention": 30, "model": 30, "packed": 30, "train_step": 60},
 }
 QUICK_BUDGET_S = 120
 

@@ -2,8 +2,9 @@
 
 Subcommands live in a registry: ``register_subcommand(name, help, add_arguments, run)`` adds one
 (``add_arguments(parser)`` declares its options, ``run(args) -> int`` executes it). Errors in the
-user's input (bad config key, missing folder, unwritable path, ...) print one clear message and exit with status 2
-(``RADIO_DEBUG=1`` shows the traceback instead).
+user's input (bad config key, missing folder, unwritable path, ...) print one clear message and exit with status 2;
+a run that went wrong (non-finite loss, gradient or weights) or whose directory is locked by
+another live run prints why and exits with status 1 (``RADIO_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -119,13 +120,20 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="run directory written by radio train")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder for RadioModel.from_pretrained")
     p.add_argument("--no-ema", action="store_true", help="export the raw student weights instead of the EMA")
+    p.add_argument(
+        "--format",
+        choices=("radio", "transformers"),
+        default="radio",
+        help="radio: RadioModel.from_pretrained folder; transformers: a transformers.RadioModel folder "
+        "(+ radio_extras.safetensors with the adaptor heads)",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     from radio.train import export_run
 
-    path = export_run(args.run, args.out, use_ema=not args.no_ema)
-    print(f"exported {'student' if args.no_ema else 'EMA'} weights of {path} to {args.out}")
+    path = export_run(args.run, args.out, use_ema=not args.no_ema, format=args.format)
+    print(f"exported {'student' if args.no_ema else 'EMA'} weights of {path} to {args.out} ({args.format} format)")
     return 0
 
 
@@ -223,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_failures() -> tuple[type[Exception], ...]:
+    """Errors of a run that went wrong (imported only when an error is being handled)."""
+    from radio.finite import NonFiniteError
+    from radio.model.onnx import OnnxCheckError
+    from radio.train.runlock import RunLockedError
+
+    return NonFiniteError, OnnxCheckError, RunLockedError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"radio {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except _run_failures() as e:  # a run that went wrong (or is already running)
+        if os.environ.get("RADIO_DEBUG"):
+            raise
+        print(f"radio {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

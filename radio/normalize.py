@@ -170,6 +170,7 @@ class PHISNormalizer(nn.Module):
         self.register_buffer("sum", torch.zeros(dim, dtype=f64))
         self.register_buffer("sum_outer", torch.zeros(dim, dim, dtype=f64))
         self.register_buffer("count", torch.zeros((), dtype=f64))
+        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=f64))  # rows left out of the sums
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_fits", torch.zeros((), dtype=torch.long))
         self.register_buffer("mean", torch.zeros(dim, dtype=f64))
@@ -206,27 +207,38 @@ class PHISNormalizer(nn.Module):
         if self.frozen:
             return False
         flat = x.detach().reshape(-1, self.dim).to(self.sum.device, torch.float64)
+        # A row with a NaN / Inf (a broken sample) is left out and counted: one bad image must not
+        # poison the running statistics for the rest of the run. Masked, not indexed: no host sync.
+        finite = torch.isfinite(flat).all(1, keepdim=True)
+        flat = torch.where(finite, flat, 0.0)
         batch_sum, batch_outer = flat.sum(0), flat.T @ flat
-        batch_count = torch.tensor(float(flat.shape[0]), dtype=torch.float64, device=flat.device)
+        good = finite.sum().to(torch.float64)
+        batch_counts = torch.stack([good, flat.shape[0] - good])
         if dist.is_available() and dist.is_initialized():
-            for t in (batch_sum, batch_outer, batch_count):
+            for t in (batch_sum, batch_outer, batch_counts):
                 dist.all_reduce(t)
         self.sum += batch_sum
         self.sum_outer += batch_outer
-        self.count += batch_count
+        self.count += batch_counts[0]
+        self.nonfinite_rows += batch_counts[1]
         if not advance:
             return False
         self.num_updates += 1
         n = int(self.num_updates)
-        if n == 1 or n % self.refresh_every == 0 or n == self.freeze_after:
+        # (``not fitted`` past update 1: every row so far was non-finite; fit at the first finite batch.)
+        if n == 1 or n % self.refresh_every == 0 or n == self.freeze_after or not self.fitted:
             self.fit()
-            return True
+            return self.fitted
         return False
 
     @torch.no_grad()
     def fit(self) -> None:
         """Recompute mu, alpha and the cached matrices from the running sums."""
         if self.count <= 0:
+            if self.nonfinite_rows > 0:
+                # Not the caller's error: every row seen was non-finite. Stay unfitted until a finite
+                # batch arrives (``update`` retries); the trainer's non-finite guard reports the step.
+                return
             raise RuntimeError("PHISNormalizer.fit: no statistics yet; call update() first")
         mu = self.sum / self.count
         cov = self.sum_outer / self.count - torch.outer(mu, mu)
@@ -247,6 +259,11 @@ class PHISNormalizer(nn.Module):
         self.forward_matrix.copy_((alpha * h @ u.T).T)
         self.inverse_matrix.copy_((u @ h.T / alpha).T)
         self.num_fits += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before non-finite rows were counted.
+        state_dict.setdefault(prefix + "nonfinite_rows", torch.zeros((), dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _require_fit(self, what: str) -> None:
         if not self.fitted:

@@ -1,13 +1,12 @@
 """Balanced (angular) summary loss, the angular dispersion and its running estimate.
 
-Math (x, y (B, C); x^ = x / ||x||, a zero row has x^ = 0)::
+Math (x, y (B, C); x^ = x / ||x||, a zero row has x^ = 0; a row of x or y holding a NaN or an
+Inf gives Theta = NaN and a NaN gradient row, on both backends: a diverged input is reported,
+never turned into a finite loss)::
 
     Theta(x, y) = 2 atan2(||x^ - y^||, ||x^ + y^||)       in [0, pi], stable at 0 and pi
     loss        = mean_b Theta(x_b, y_b)^2 / dispersion
     Disp(y)     = E_b[Theta(y_b, mu)^2],  mu = E_b[y_b] / ||E_b[y_b]||
-
-A row of x or y holding Inf or NaN gives Theta = NaN (the loss is NaN) and a NaN gradient row, on
-both backends: a diverged input is reported, never turned into a finite loss.
 
 Dividing by the teacher's dispersion balances teachers whose summaries spread very
 differently on the sphere (C-RADIOv4: SigLIP2 0.694, DINOv3 2.186).
@@ -104,13 +103,15 @@ def _angular_fwd_kernel(
     max_y = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssq_x = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssq_y = tl.zeros([BLOCK_R], dtype=tl.float32)
-    poison = tl.zeros([BLOCK_R], dtype=tl.float32)  # NaN once a row has met an Inf or NaN
+    nonfinite = tl.zeros([BLOCK_R], dtype=tl.int32)  # rows of x or y holding a NaN / Inf
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
         mask = row_ok[:, None] & (cols < C)
         x = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask)
         y = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask)
-        poison += tl.sum(x * 0.0 + y * 0.0, axis=1)
+        # |v| < inf is False for NaN and +-Inf alike (masked lanes load 0).
+        bad = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
+        nonfinite = tl.maximum(nonfinite, tl.max(tl.where(bad, 0, 1), axis=1))
         new_max_x = tl.maximum(max_x, tl.max(tl.abs(x), axis=1))
         new_max_y = tl.maximum(max_y, tl.max(tl.abs(y), axis=1))
         inv_x = _reciprocal_or_zero(new_max_x, new_max_x > 0)
@@ -154,10 +155,12 @@ def _angular_fwd_kernel(
     live = (sum_ee > CHORD_TINY) & (sum_ff > CHORD_TINY)
     k_m = tl.where(live, 4.0 * theta * p / (m * denom), 0.0)
     k_p = tl.where(live, 4.0 * theta * m / (p * denom), 0.0)
-    # A row holding Inf or NaN (poison = sum of x * 0 + y * 0 is NaN): Theta and every gradient entry
-    # of the row are NaN, as in reference.angular_loss (a diverged input must not look like a loss).
-    theta = theta + poison
-    k_m = k_m + poison
+    # A row with a NaN / Inf: Theta and its gradient row are NaN (as in reference.angle), never a
+    # zero row's pi/2, so that a broken sample shows in the loss instead of hiding in it.
+    broken = nonfinite > 0
+    theta = tl.where(broken, float("nan"), theta)
+    k_m = tl.where(broken, float("nan"), k_m)
+    k_p = tl.where(broken, float("nan"), k_p)
     tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, theta * theta, 0.0), axis=0))
 
     # Sweep 3: dTheta^2/dx = (k_m (e - x^ (x^.e)) - k_p (f - x^ (x^.f))) / ||x||  (0 on zero rows).
@@ -268,7 +271,8 @@ class DispersionMeter(torch.nn.Module):
     So the first ``warmup_samples`` summaries only build mu; angles are accumulated from the first
     batch that arrives after them, and until then ``value`` is ``initial``. ``floor`` bounds the
     estimate of a teacher whose summaries hardly spread (a randomly initialised one, or constant
-    images) below: Theta^2 <= pi^2, so the loss stays <= pi^2 / floor.
+    images) below: Theta^2 <= pi^2, so the loss stays <= pi^2 / floor. Rows holding a NaN or Inf
+    are left out of every sum and counted in ``nonfinite_rows``.
     """
 
     def __init__(self, dim: int, initial: float = 1.0, warmup_samples: int = 32, floor: float = 1e-4):
@@ -284,6 +288,7 @@ class DispersionMeter(torch.nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))  # samples in sum_y
         self.register_buffer("sum_theta2", torch.zeros((), dtype=torch.float64))
         self.register_buffer("theta_count", torch.zeros((), dtype=torch.float64))  # samples in sum_theta2
+        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.float64))  # rows left out
 
     @torch.no_grad()
     def update(self, y: torch.Tensor) -> torch.Tensor:
@@ -292,20 +297,26 @@ class DispersionMeter(torch.nn.Module):
         if y.shape[1] != self.dim:
             raise ValueError(f"y must have {self.dim} channels, got shape {tuple(y.shape)}")
         y = y.to(device=self.sum_y.device, dtype=torch.float64)
+        # Rows with a NaN / Inf (a broken sample) are left out and counted, so that one bad batch
+        # cannot poison the running sums for good. Masked, not indexed: no host sync.
+        finite = torch.isfinite(y).all(1, keepdim=True)
+        y = torch.where(finite, y, 0.0)
+        good = finite.sum().to(torch.float64)
         distributed = dist.is_available() and dist.is_initialized()
-        sums = torch.cat([y.sum(0), y.new_tensor([y.shape[0]])])
+        sums = torch.cat([y.sum(0), torch.stack([good, y.shape[0] - good])])
         if distributed:
             dist.all_reduce(sums)
         # Whether mu rested on warmup_samples before this batch (a 0-dim tensor: no host sync).
         measured = (self.count >= self.warmup_samples).to(torch.float64)
-        self.sum_y += sums[:-1]
-        self.count += sums[-1]
+        self.sum_y += sums[:-2]
+        self.count += sums[-2]
+        self.nonfinite_rows += sums[-1]
         mu = reference.mean_direction(self.sum_y[None])
-        theta2 = reference.angle(y, mu.expand_as(y)).square().sum()
+        theta2 = (reference.angle(y, mu.expand_as(y)).square() * finite[:, 0]).sum()
         if distributed:
             dist.all_reduce(theta2)
         self.sum_theta2 += measured * theta2
-        self.theta_count += measured * sums[-1]
+        self.theta_count += measured * sums[-2]
         return self.value
 
     @property
@@ -318,6 +329,7 @@ class DispersionMeter(torch.nn.Module):
         # Checkpoints written before ``theta_count`` existed measured angles from the first sample.
         if prefix + "theta_count" not in state_dict and prefix + "count" in state_dict:
             state_dict[prefix + "theta_count"] = state_dict[prefix + "count"].clone()
+        state_dict.setdefault(prefix + "nonfinite_rows", torch.zeros((), dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

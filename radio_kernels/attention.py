@@ -8,6 +8,11 @@ Semantics (q, k, v (B, H, N, D); P = num_prefix, T = window_tokens)::
              attends to the P prefix keys and the T keys of window w.
     out    = softmax(q k^T * scale, over visible keys) v,   scale = D ** -0.5 by default
 
+Packed variable-length mode (``cu_seqlens``, (S + 1,) boundaries of S sequences concatenated along
+N): a token attends to the tokens of its own sequence [cu[s], cu[s+1]) only (block-diagonal), as if
+each sequence ran alone; P and T must be 0 (each sequence's prefix tokens are part of it). See
+``_varlen_attention``.
+
 The output is (B, H, N, D) laid out in memory as (B, N, H, D), so that
 ``out.transpose(1, 2).reshape(B, N, H * D)`` is free.
 
@@ -105,8 +110,9 @@ def attention(
     window_tokens: int = 0,
     scale: float | None = None,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multi-head attention with optional ViTDet windows and global prefix tokens.
+    """Multi-head attention with optional ViTDet windows and global prefix tokens, or packed sequences.
 
     Args:
         q, k, v: (B, H, N, D) of one dtype and device. Any strides; unit stride in D avoids a copy
@@ -115,11 +121,19 @@ def attention(
         window_tokens: T, tokens per window (0 = global attention); N - P must be a multiple of T.
         scale: softmax scale, default D ** -0.5.
         backend: "auto", "triton" or "torch" (see the module docstring).
+        cu_seqlens: packed mode, (S + 1,) integer boundaries (0, ..., N) of S sequences concatenated
+            along N; each attends to itself only. Needs num_prefix = window_tokens = 0.
 
     Returns:
         (B, H, N, D) in q's dtype, stored as (B, N, H, D).
     """
     check_attention_args(q, k, v, num_prefix, window_tokens, scale)
+    if cu_seqlens is not None:
+        if num_prefix or window_tokens:
+            raise ValueError(f"cu_seqlens needs num_prefix=0 and window_tokens=0, got {num_prefix} and {window_tokens}")
+        from ._varlen_attention import varlen_attention
+
+        return varlen_attention(q, k, v, cu_seqlens, scale, backend, triton_supports)
     chosen = resolve_backend(backend, q.device)
     unsupported = triton_supports(q, k, v) if chosen == "triton" else None
     if unsupported and backend == "triton":

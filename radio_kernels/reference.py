@@ -23,6 +23,8 @@ angular_loss
     Rows holding Inf or NaN (in x or y) give Theta = NaN and NaN gradient rows, on both backends.
 attention
     softmax(q k^T * scale) v with the window / prefix visibility of ``attention_mask``.
+varlen_attention
+    the same, block-diagonal over the packed segments of ``cu_seqlens`` (``varlen_attention_mask``).
 """
 
 from __future__ import annotations
@@ -95,10 +97,11 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
     Each row is first divided by its (detached) largest |entry|, which leaves x / ||x|| and its
     gradient unchanged but keeps the sum of squares in [1, C]: no overflow for huge rows, no
-    underflow for tiny ones. Rows with max |x| < 2**-126 are treated as the zero vector.
+    underflow for tiny ones. Rows with max |x| < 2**-126 are treated as the zero vector; a row
+    holding a NaN or an Inf gives a NaN row (and NaN gradient), never a zero one.
     """
     a = x.detach().abs().amax(-1, keepdim=True)
-    nonzero = a >= _FLT_MIN
+    nonzero = ~(a < _FLT_MIN)  # NaN / Inf rows are not zero rows: they give NaN, value and gradient
     u = x / torch.where(nonzero, a, torch.ones_like(a))
     n2 = u.square().sum(-1, keepdim=True)
     return torch.where(nonzero, u * torch.rsqrt(torch.where(nonzero, n2, torch.ones_like(n2))), 0.0)
@@ -111,6 +114,8 @@ def angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     chords are clamped at 2**-40 before the square root, and where either is clamped (parallel:
     Theta ~ 1e-6, antiparallel: Theta ~ pi) the gradient is 0 instead of 0 * inf or a direction
     made of rounding noise. A zero row is the zero vector (x^ = 0, zero gradient): Theta = pi / 2.
+    A row of x or y holding a NaN or an Inf gives Theta = NaN (and a NaN gradient row), as the
+    Triton kernel does.
     """
     x_hat, y_hat = unit_rows(x), unit_rows(y)
     minus2 = (x_hat - y_hat).square().sum(-1)
@@ -125,11 +130,7 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion: torch.Tensor | fl
     """A row of x or y holding Inf or NaN has Theta = NaN (so the loss is NaN: a diverged input is
     never hidden) and a NaN gradient row; the other rows' gradients are unaffected."""
     dtype = _math_dtype(x, y)
-    x, y = x.to(dtype), y.detach().to(dtype)
-    theta = angle(x, y)
-    finite = torch.isfinite(x.detach()).all(-1) & torch.isfinite(y).all(-1)
-    poison = torch.where(finite, 0.0, float("nan")).to(dtype)  # NaN on bad rows, 0 elsewhere
-    theta = theta + (x * poison[..., None]).sum(-1)  # bad rows: NaN value and gradient; others: + 0
+    theta = angle(x.to(dtype), y.detach().to(dtype))  # NaN rows stay NaN: see unit_rows
     return theta.square().mean() / torch.as_tensor(dispersion, dtype=dtype, device=x.device)
 
 
@@ -226,6 +227,52 @@ def attention_flops(n: int, num_prefix: int, window_tokens: int, d: int, batch_h
     return 4.0 * batch_heads * pairs * d
 
 
+# ----------------------------------------------------------------------------------------
+# Variable-length (packed) attention: block-diagonal over cu_seqlens
+# ----------------------------------------------------------------------------------------
+def varlen_attention_mask(cu_seqlens: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """Boolean (N, N) visibility of packed sequences: token i sees token j iff both lie in one
+    segment [cu[s], cu[s+1]). A dense definition for tests."""
+    idx = torch.arange(n, device=device)
+    segment = torch.bucketize(idx, cu_seqlens.to(device=device, dtype=torch.long)[1:], right=True)
+    return segment[:, None] == segment[None, :]
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Block-diagonal attention of packed sequences: one SDPA call per segment of ``cu_seqlens``.
+
+    q, k, v (B, H, N, D), cu_seqlens (S + 1,) with cu[0] = 0, cu[S] = N; returns (B, H, N, D) stored
+    as (B, N, H, D), like ``attention``. Each segment is exactly what SDPA gives that sequence alone.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=scale)
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
+    ]
+    out = torch.cat(parts, dim=2) if parts else torch.empty_like(q)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def varlen_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + block-diagonal mask) v with an explicit N x N score matrix (test oracle)."""
+    dtype = _math_dtype(q, k, v)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(dtype), k.to(dtype)) * scale
+    scores = scores.masked_fill(~varlen_attention_mask(cu_seqlens, q.shape[2], q.device), float("-inf"))
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v.to(dtype)).to(q.dtype)
+
+
+def varlen_attention_flops(cu_seqlens: torch.Tensor, d: int, batch_heads: int) -> float:
+    """Forward FLOPs on visible pairs of packed sequences: 4 * B*H * sum_s n_s^2 * D."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    return 4.0 * batch_heads * float((lengths * lengths).sum()) * d
+
+
 __all__ = [
     "angle",
     "angular_dispersion",
@@ -240,4 +287,8 @@ __all__ = [
     "sdpa_attention",
     "shifted_mse",
     "unit_rows",
+    "varlen_attention",
+    "varlen_attention_dense",
+    "varlen_attention_flops",
+    "varlen_attention_mask",
 ]

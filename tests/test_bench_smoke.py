@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Columns that must hold finite positive numbers in every "ok" row of each benchmark's CSV.
 POSITIVE_COLUMNS = {
     "model": ["ms_median", "ms_min"],
+    "packed": ["ms", "ms_min", "speedup_vs_padded"],
     "train_step": ["step_ms_median", "images_per_s", "step_tflop", "achieved_tflops", "ref_matmul_tflops"],
 }
 
@@ -57,7 +58,7 @@ def _assert_sane(name: str, rows: list[dict]) -> None:
 EXTRA_ARGS = {"model": ["--preset", "tiny", "--repeats", "1"]}
 
 
-@pytest.mark.parametrize("name", ["losses", "attention", "model", "train_step"])
+@pytest.mark.parametrize("name", ["losses", "attention", "model", "packed", "train_step"])
 def test_benchmark_quick_on_cpu(name, tmp_path):
     module = importlib.import_module(f"bench.{name}")
     module.main(["--device", "cpu", "--quick", "--out", str(tmp_path), *EXTRA_ARGS.get(name, [])])
@@ -195,7 +196,8 @@ def test_run_all_budgets_flow_to_the_last_benchmark(monkeypatch):
     # The last one gets all that is left, the summary's reserve aside; a short run squeezes the others.
     assert run_all.budget_for("train_step", names, "cuda", False, 1000.0 + 300) == 300 - run_all.SUMMARY_RESERVE_S
     squeezed = run_all.budget_for("attention", names, "cuda", False, 1000.0 + 60)
-    assert squeezed == 60 - run_all.SUMMARY_RESERVE_S - 2 * run_all.MIN_BUDGET_S
+    later = len(names) - names.index("attention") - 1
+    assert squeezed == 60 - run_all.SUMMARY_RESERVE_S - later * run_all.MIN_BUDGET_S
     assert "--budget-s" in run_all.command("train_step", "cuda", "out", False, 100.0)
 
 

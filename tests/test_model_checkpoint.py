@@ -156,32 +156,56 @@ def test_adaptor_selection_window_mode_and_errors():
     assert RadioModel.from_radio_checkpoint(heads_unknown, num_heads=3).config.num_heads == 3
 
 
-def test_feature_normalizer_is_loaded_and_applied(tmp_path):
-    """A checkpoint's _feature_normalizer whitens every output token: (x - mean) @ tx^T, heads included."""
+def official_outputs(model: RadioModel, x: torch.Tensor, mean=None, tx=None) -> dict:
+    """What the official model computes from ``model``'s weights and a feature normaliser (mean, tx):
+    the normaliser whitens the patch tokens only; the backbone summary and the adaptor summary heads
+    read the raw CLS tokens, the adaptor feature heads the whitened patches."""
+    tokens, grid = model.forward_features(x)
+    P = model.config.num_prefix_tokens
+    patches = tokens[:, P:] if mean is None else (tokens[:, P:] - mean) @ tx.T
+    out = {"backbone": (tokens[:, model.config.summary_idxs].flatten(1), patches)}
+    for spec in model.adaptor_specs:
+        out[spec.name] = model.adaptors[spec.name](tokens[:, spec.cls_index], patches, grid)
+    return out
+
+
+def test_feature_normalizer_whitens_patch_tokens_only(tmp_path):
+    """A checkpoint's _feature_normalizer maps the patch tokens to (x - mean) @ tx^T (backbone features and
+    adaptor feature heads); summaries do not depend on it."""
     model = source_model()
     g = torch.Generator().manual_seed(11)
     D = model.embed_dim
-    mean, tx = torch.randn(D, generator=g), torch.randn(D, D, generator=g) / D**0.5
     sd = training_layout(model)
-    sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx})
-    loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
-    assert loaded.config.feature_normalizer and "feature_norm.tx" in loaded.state_dict()
-    assert loaded.config.intermediate_normalizer == "none" and loaded.intermediate_norm is None
+    loaded = {}
+    for seed in (0, 1):
+        mean, tx = torch.randn(D, generator=g), torch.randn(D, D, generator=g) / D**0.5
+        sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx})
+        loaded[seed] = (RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd)), mean, tx)
+    first = loaded[0][0]
+    assert first.config.feature_normalizer and "feature_norm.tx" in first.state_dict()
+    assert first.config.intermediate_normalizer == "none" and first.intermediate_norm is None
 
-    x = torch.rand(1, 3, 64, 64, generator=g)
-    with torch.no_grad():
-        tokens, grid = model.forward_features(x)
-        expected = model._outputs((tokens - mean) @ tx.T, grid, "NLC")
-        got = loaded(x)
-    for name in expected:
-        torch.testing.assert_close(got[name].features, expected[name].features, msg=name)
-        if expected[name].summary is not None:
-            torch.testing.assert_close(got[name].summary, expected[name].summary, msg=name)
+    for hw in ((64, 64), (48, 96)):
+        x = torch.rand(1, 3, *hw, generator=g)
+        got = {}
+        with torch.no_grad():
+            for seed, (m, mean, tx) in loaded.items():
+                expected, got[seed] = official_outputs(model, x, mean, tx), m(x)
+                for name, (summary, features) in expected.items():
+                    torch.testing.assert_close(got[seed][name].features, features, msg=name)
+                    if summary is not None:
+                        torch.testing.assert_close(got[seed][name].summary, summary, msg=name)
+        for name in got[0]:  # another normaliser: same summaries, other features
+            if got[0][name].summary is not None:
+                assert torch.equal(got[0][name].summary, got[1][name].summary), name
+            assert not torch.allclose(got[0][name].features, got[1][name].features), name
     # and it round-trips through save_pretrained
-    loaded.save_pretrained(tmp_path / "m")
+    first.save_pretrained(tmp_path / "m")
     with torch.no_grad():
         again = RadioModel.from_pretrained(tmp_path / "m").eval()(x)
-    assert torch.equal(again["backbone"].features, got["backbone"].features)
+        want = first(x)
+    assert all(torch.equal(again[k].features, want[k].features) for k in want)
+    assert torch.equal(again["backbone"].summary, want["backbone"].summary)
 
 
 @pytest.mark.parametrize(
@@ -236,3 +260,100 @@ def test_intermediate_normalizer_is_loaded_and_applied(tmp_path, per_block, pref
     del sd[f"{prefix}means"]
     with pytest.raises(ValueError, match="must hold 'means', 'alphas' and 'rotation'"):
         RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+
+
+def test_layer_scale_under_radio_name_grandma():
+    """RADIO's LayerScale saves its gain as ls1/ls2.grandma (backbone and attention heads); both names load."""
+    model = source_model()
+    sd = training_layout(model)
+    renamed = {k.replace(".ls1.gamma", ".ls1.grandma").replace(".ls2.gamma", ".ls2.grandma"): v for k, v in sd.items()}
+    assert sum(".grandma" in k for k in renamed) == 2 * 4 + 2 * 2  # 4 backbone blocks + 2 attn-head blocks
+    for state in (sd, renamed):
+        loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=state))
+        assert loaded.config.layer_scale is not None
+        assert_same_outputs(model, loaded, hw=(32, 48))
+
+
+def test_forward_intermediates_final_output_norm_and_stop_early():
+    """Official semantics: the final output skips the final norm unless norm=True, and with stop_early it is
+    taken after the last requested block (then through the feature normaliser and the heads)."""
+    model = source_model(final_norm=True)
+    g = torch.Generator().manual_seed(5)
+    D = model.embed_dim
+    mean, tx = torch.randn(D, generator=g), torch.randn(D, D, generator=g) / D**0.5
+    sd = training_layout(model)
+    sd.update({"_feature_normalizer.mean": mean, "_feature_normalizer.tx": tx})
+    loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=sd))
+    x = torch.rand(2, 3, 32, 48, generator=g)
+    kw = dict(output_fmt="NLC", return_prefix_tokens=True)
+    with torch.no_grad():
+        ref = loaded(x)
+        normed, _ = loaded.forward_intermediates(x, [1], norm=True, **kw)
+        raw, _ = loaded.forward_intermediates(x, [1], norm=False, **kw)
+        early, inter = loaded.forward_intermediates(x, [1], stop_early=True, **kw)
+        early_normed, _ = loaded.forward_intermediates(x, [1], stop_early=True, norm=True, **kw)
+        tokens, _ = loaded._run_blocks(loaded._embed(x)[0], (2, 3))
+    for name in ref:
+        torch.testing.assert_close(normed[name].features, ref[name].features, msg=name)
+    assert not torch.allclose(raw["backbone"].features, ref["backbone"].features)
+    torch.testing.assert_close(raw["backbone"].features, (tokens[:, 10:] - mean) @ tx.T)
+    torch.testing.assert_close(raw["backbone"].summary, tokens[:, [0, 1]].flatten(1))
+    # stop_early: block 1's tokens are the final output
+    torch.testing.assert_close(early["backbone"].features, (inter[0].features - mean) @ tx.T)
+    torch.testing.assert_close(early["backbone"].summary, inter[0].summary)
+    assert not torch.allclose(early["backbone"].features, raw["backbone"].features)
+    n = loaded.norm
+    torch.testing.assert_close(early_normed["backbone"].summary, n(inter[0].summary.view(2, 2, -1)).flatten(1))
+
+
+def test_inputs_above_cpe_max_size_run_on_the_resampled_table():
+    model = source_model()  # cpe_max_size 512: a 32 x 32 table
+    loaded = RadioModel.from_radio_checkpoint(dict(args=args(), state_dict=training_layout(model)))
+    assert loaded.max_resolution == 512
+    assert loaded.get_nearest_supported_resolution(3000, 512) == (3008, 512)
+    assert loaded.get_nearest_supported_resolution(3, 700) == (16, 704)
+    x = torch.rand(1, 3, 64, 576, generator=torch.Generator().manual_seed(2))  # 576 > 512
+    added = {}
+    hook = loaded.cpe.register_forward_hook(lambda m, inp, out: added.setdefault("pos", out - inp[0]))
+    with torch.no_grad():
+        out = loaded(x)
+    hook.remove()
+    assert out["backbone"].features.shape == (1, 4 * 36, 48) and out["sam3"].features.shape == (1, 8 * 72, 6)
+    assert all(torch.isfinite(v.features).all() for v in out.values())
+    # the official position embedding: the table resized to 36 x 36 (bilinear), top-left 4 x 36
+    table = model.cpe.pos_embed.reshape(1, 32, 32, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(table, size=(36, 36), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(added["pos"], want[:, :, :4, :].flatten(2).transpose(1, 2))
+
+
+def test_vitdet_num_global_from_args_or_argument():
+    chk = dict(args=args(), state_dict=training_layout(source_model()))
+    load = RadioModel.from_radio_checkpoint
+    assert load(chk, window_size=2).config.global_block_indices() == [0, 1, 2, 3]  # 4 global (default)
+    two = dict(chk, args=args(vitdet_num_global=2))
+    assert load(two, window_size=2).config.global_block_indices() == [1, 3]
+    assert load(two, window_size=2, vitdet_num_global=4).config.global_block_indices() == [0, 1, 2, 3]
+    assert load(chk, window_size=2, vitdet_num_global=1).config.global_block_indices() == [3]
+    windowed = dict(chk, args=args(vitdet_num_windowed=2))  # RADIOv2 style: period num_windowed + 1
+    assert load(windowed, window_size=2).config.global_block_indices() == [2, 3]
+    with pytest.raises(ValueError, match="vitdet_num_global"):
+        load(chk, window_size=2, vitdet_num_global=0)
+
+
+def test_dtype_argument_and_checkpoint_dtype():
+    model = source_model()
+    sd = {k: v.half() for k, v in training_layout(model).items()}
+    chk = dict(args=args(), state_dict=sd)
+    assert RadioModel.from_radio_checkpoint(chk).patch_embed.proj.weight.dtype == torch.float32
+    bf16 = RadioModel.from_radio_checkpoint(chk, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.input_norm.mean.dtype == torch.float32  # pixels are normalised in float32
+    from_args = RadioModel.from_radio_checkpoint(dict(chk, args=args(dtype=torch.bfloat16)))
+    assert from_args.cpe.pos_embed.dtype == torch.bfloat16
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = RadioModel.from_radio_checkpoint(chk)(x), bf16(x)
+    for name in want:
+        torch.testing.assert_close(got[name].features.float(), want[name].features, atol=0.1, rtol=0.1)
+    with pytest.raises(TypeError, match="dtype"):
+        RadioModel.from_radio_checkpoint(chk, dtype="bf16")

@@ -14,7 +14,7 @@ import torch
 
 from radio import RadioModel
 from radio.train import TrainConfig, export_run, train
-from radio.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from radio.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from radio.train.damp import damp_forward, damp_sigma, linear_weight_names
 from radio.train.plots import read_metrics
 
@@ -115,7 +115,7 @@ def test_resume_with_another_rank_count_continues_the_damp_stream(tmp_path):
     path = latest_checkpoint(tmp_path / "part")
     state = load_checkpoint(path)
     state["rng"]["per_rank"] = state["rng"]["per_rank"] * 2  # as if two ranks had saved it
-    torch.save(state, path)
+    atomic_save(state, path)  # rewritten with its digest, as the trainer would
     logs = []
     resumed = load_run_config(tmp_path / "part")
     resumed.run.out = str(tmp_path / "part")
@@ -147,7 +147,7 @@ def test_export_round_trip(tmp_path):
     y = torch.randn(5, 32)
     torch.testing.assert_close(phis["dinov3"].inverse(y), trained.inverse(y))
     torch.testing.assert_close(phis["dinov3"](phis["dinov3"].inverse(y)), y)
-    with pytest.raises(ValueError, match="no checkpoints"):
+    with pytest.raises(ValueError, match="no checkpoint found"):
         export_run(tmp_path / "nowhere", tmp_path / "model2")
     with pytest.raises(ValueError, match="teacher_normalizers"):
         load_normalizers(tmp_path / "nowhere")
@@ -238,12 +238,12 @@ def test_damp_sigma_zero_is_a_bitwise_no_op():
 
 
 def test_damp_applies_multiplicative_noise_and_leaves_weights_untouched():
-    model = _model()
+    model = _model().train()  # DAMP acts in training mode only
     names = linear_weight_names(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.rand(2, 3, 32, 32)
-    plain = model(x).features
-    noisy = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x).features
+    x, u = torch.rand(2, 3, 32, 32), torch.rand(2, 5)
+    plain = model(x, cpe_uniforms=u).features
+    noisy = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x, cpe_uniforms=u).features
     assert not torch.allclose(plain, noisy)
     # gradient through W~ = W * (1 + sigma * eps) reaches the stored weights
     noisy.square().mean().backward()
@@ -251,22 +251,50 @@ def test_damp_applies_multiplicative_noise_and_leaves_weights_untouched():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the same generator state gives the same noise (reproducible, resumable)
-    again = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x).features
+    again = damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x, cpe_uniforms=u).features
     assert torch.equal(noisy, again)
-    # the product law on one weight: W~ = W (1 + sigma eps)
+    # the product law on one weight: W~ = W (1 + sigma eps), eps from the layer's own counter-based seed
+    from radio.train.damp import _mix
+
     lin = torch.nn.Linear(3, 2, bias=False)
-    eps = torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(5))
-    y = damp_forward(lin, ["weight"], 0.5, torch.Generator().manual_seed(5), torch.eye(3))
+    y = damp_forward(lin, ["weight"], 0.5, torch.Generator().manual_seed(5), torch.eye(3), rank=3)
+    draw = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
+    eps = torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(_mix(_mix(draw, 3), 0)))
     torch.testing.assert_close(y, (lin.weight * (1 + 0.5 * eps)).T)
+    # in eval mode the layers are clean even with a DAMP state set
+    torch.testing.assert_close(lin.eval()(torch.eye(3)), lin.weight.T)
 
 
-def test_damp_refuses_gradient_checkpointing():
-    """Checkpointed blocks recompute in backward, after the noisy weights are gone: refused."""
-    model = _model()
-    model.set_grad_checkpointing(True)
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        damp_forward(model, linear_weight_names(model), 0.1, None, torch.rand(1, 3, 32, 32))
-    assert damp_forward(model, [], 0.0, None, torch.rand(1, 3, 32, 32)) is not None  # sigma 0: no noise, fine
+def test_damp_noise_is_independent_per_rank():
+    model = _model().train()
+    names = linear_weight_names(model)
+    x, u = torch.rand(2, 3, 32, 32), torch.rand(2, 5)
+    outs = [
+        damp_forward(model, names, 0.1, torch.Generator().manual_seed(1), x, rank=r, cpe_uniforms=u).features
+        for r in (0, 1, 0)
+    ]
+    assert not torch.allclose(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_damp_with_gradient_checkpointing_gives_the_same_gradients():
+    """The recomputed forward replays the same noise (counter-based seeds): gradients equal the plain run's."""
+    model = _model().train()
+    names = linear_weight_names(model)
+    x, u = torch.rand(2, 3, 32, 32), torch.rand(2, 5)
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        out = damp_forward(model, names, 0.2, torch.Generator().manual_seed(7), x, cpe_uniforms=u)
+        out.features.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.set_grad_checkpointing(False)
+    model.zero_grad()
+    damp_forward(model, names, 0.0, None, x, cpe_uniforms=u).features.square().mean().backward()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7)
+    w = names[0]
+    assert not torch.allclose(grads[0][w], dict(model.named_parameters())[w].grad)  # the noise did act
 
 
 def test_backbone_summary_uses_the_cls_tokens_with_a_summary_loss(tmp_path):
@@ -379,3 +407,69 @@ def test_teachers_from_local_checkpoints(tmp_path, monkeypatch):
     assert "loss/dinov3/spatial" in record and "loss/siglip2/spatial" not in record
     state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert [a["name"] for a in state["adaptors"]] == ["dinov3", "sam3"]
+
+
+def test_grad_checkpointing_with_damp_trains_exactly_alike(tmp_path):
+    """student.grad_checkpointing = true with DAMP on: the same losses and weights as without."""
+    states = []
+    for on in (False, True):
+        cfg = tiny_cfg(tmp_path / f"ckpt-{on}", steps=3)
+        cfg.fidelity.enabled = False
+        cfg.damp.sigma = 0.2
+        cfg.student.grad_checkpointing = on
+        train(cfg, progress=False, log=lambda *a: None)
+        states.append((_losses(tmp_path / f"ckpt-{on}"), load_checkpoint(latest_checkpoint(tmp_path / f"ckpt-{on}"))))
+    (la, sa), (lb, sb) = states
+    for ra, rb in zip(la, lb):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+    for k in sa["student"]:
+        torch.testing.assert_close(sb["student"][k], sa["student"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_teachers_load_onto_their_device_in_their_dtype_with_sdpa(tmp_path, monkeypatch):
+    """No full float32 CPU copy per rank: from_pretrained gets device_map and dtype; attention is SDPA."""
+    from transformers import DINOv3ViTModel
+
+    from radio.teachers import tiny_teacher
+    from radio.train.teaching import build_teachers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_teacher("dinov3", seed=5).save_pretrained(tmp_path / "dino")
+    seen = {}
+    real = DINOv3ViTModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(DINOv3ViTModel, "from_pretrained", classmethod(spy))
+    cfg = tiny_cfg(tmp_path / "run")
+    cfg.teachers["dinov3"].name_or_path = str(tmp_path / "dino")
+    cfg.teachers["dinov3"].dtype = "bfloat16"
+    cfg.teachers["sam3"].compile = True
+    slots = build_teachers(cfg, torch.device("cpu"))
+    assert seen["device_map"] == "cpu" and seen["dtype"] == torch.bfloat16 and seen["attn_implementation"] == "sdpa"
+    dino = slots["dinov3"].teacher
+    assert dino.dtype == torch.bfloat16 and dino.model.config._attn_implementation == "sdpa"
+    assert isinstance(slots["sam3"].teacher.model, torch._dynamo.eval_frame.OptimizedModule)
+    cfg.teachers["dinov3"].attn_implementation = "magic"
+    with pytest.raises(ValueError, match="teachers.dinov3.attn_implementation"):
+        cfg.validate()
+
+
+def test_damp_perturbs_the_base_weight_of_a_lora_layer_and_keeps_its_update():
+    from radio.model.lora import LoRALinear
+    from radio.train.damp import _mix
+
+    torch.manual_seed(0)
+    lora = LoRALinear.from_linear(torch.nn.Linear(4, 3), rank=2, alpha=4.0)
+    with torch.no_grad():
+        lora.lora_b.normal_()  # a non-zero update
+    x = torch.randn(5, 4)
+    y = damp_forward(lora, ["weight"], 0.5, torch.Generator().manual_seed(2), x)
+    draw = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(2)))
+    eps = torch.randn(lora.weight.shape, generator=torch.Generator().manual_seed(_mix(_mix(draw, 0), 0)))
+    update = lora.lora_scale * (x @ lora.lora_a.T @ lora.lora_b.T)
+    torch.testing.assert_close(y, x @ (lora.weight * (1 + 0.5 * eps)).T + lora.bias + update)
+    y.sum().backward()
+    assert lora.lora_a.grad is not None and lora.weight.grad is None  # frozen base, trained adapter

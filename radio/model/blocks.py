@@ -39,11 +39,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         # (B, N, 3, H, Dh) -> three (B, H, N, Dh) views with unit stride in Dh; no copies.
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = radio_kernels.attention(q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, backend=self.backend)
+        out = radio_kernels.attention(
+            q, k, v, num_prefix=num_prefix, window_tokens=window_tokens, backend=self.backend, cu_seqlens=cu_seqlens
+        )
         # The kernel stores (B, H, N, Dh) as (B, N, H, Dh): this reshape is free.
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -59,6 +63,19 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the feed-forward of SwiGLU RADIO variants (transformers' names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -69,17 +86,21 @@ class Block(nn.Module):
         layer_scale: float | None = None,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        ffn: str = "mlp",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, backend)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = SwiGLU(dim, mlp_dim) if ffn == "swiglu" else Mlp(dim, mlp_dim)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), num_prefix=num_prefix, window_tokens=window_tokens))
+    def forward(
+        self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``cu_seqlens``: packed sequences that attend only to themselves (``radio_kernels.attention``)."""
+        x = x + self.ls1(self.attn(self.norm1(x), num_prefix, window_tokens, cu_seqlens))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 

@@ -22,6 +22,7 @@ Key mapping (left: official backbone/head key, right: ``RadioModel.state_dict()`
     patch_generator.pos_embed                   cpe.pos_embed              (1, R*R, D)
     patch_generator.cls_token.token             prefix_tokens              (P, D)
     blocks.<i>.<rest>                           blocks.<i>.<rest>          (timm Block names)
+    blocks.<i>.ls{1,2}.grandma                  blocks.<i>.ls{1,2}.gamma   (RADIO's LayerScale name)
     norm.weight / norm.bias (only if trained)   norm.weight / norm.bias    else final_norm=False
     input_conditioner.norm_mean / norm_std      input_norm.mean / input_norm.std
     summary head <rest>                         adaptors.<name>.summary_head.<rest>
@@ -34,10 +35,17 @@ patch size, CPE table size, head shapes); the head count, which weights do not r
 ``teachers`` (names, ``use_summary``, ``token_slot``, ``fd_upsample_factor``) and
 ``cls_token_per_teacher``. A feature normaliser stored next to the model (``_feature_normalizer.mean`` /
 ``.tx``, or without the underscore) becomes ``RadioModel.feature_norm`` (``config.feature_normalizer``),
-applied to all output tokens as the official model does. A per-block intermediate normaliser
-(``_intermediate_feature_normalizer.means`` / ``.alphas`` / ``.rotation``, or under the module name
-``inter_feature_normalizer.``) becomes ``RadioModel.intermediate_norm``
+applied, as the official model does, to the patch tokens only: the backbone features and the adaptor
+feature heads read normalised patches, the backbone summary and the adaptor summary heads the raw CLS tokens.
+A per-block intermediate normaliser (``_intermediate_feature_normalizer.means`` / ``.alphas`` / ``.rotation``,
+or under the module name ``inter_feature_normalizer.``) becomes ``RadioModel.intermediate_norm``
 (``config.intermediate_normalizer``), applied by ``forward_intermediates`` as the official model does.
+
+ViTDet (``window_size``): the number of global blocks is the ``vitdet_num_global`` argument, else
+``args.vitdet_num_global`` (radio_v2.5-g and c-radio_v2-g use 8), else 4; ``args.vitdet_num_windowed``
+(RADIOv2: 5) instead fixes the period to ``num_windowed + 1``. Weights load in ``dtype`` (else
+``args.dtype`` when it is a torch dtype, else float32); the input normaliser stays float32 and the
+normalised pixels are cast to the model's dtype, as the official input conditioner does.
 
 Only load checkpoints you trust: a ``.pth`` holding a Namespace needs ``torch.load(weights_only=False)``.
 """
@@ -96,6 +104,8 @@ def _count_inner(state: dict[str, torch.Tensor], prefix: str = "") -> int:
 def _split_layout(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """Drop DDP / wrapper prefixes; return ("training" | "wrapper", state)."""
     state = {re.sub(r"^(module\.)+", "", k): v for k, v in state.items()}
+    # RADIO's LayerScale stores its gain as "grandma" (Hugging Face loaders rewrite "gamma" keys); ours is "gamma".
+    state = {re.sub(r"\.(ls[12])\.grandma$", r".\1.gamma", k): v for k, v in state.items()}
     if any(k.startswith("radio_model.") for k in state):
         state = _strip(state, "radio_model.")
     if any(k.startswith("base_model.") for k in state):
@@ -169,7 +179,22 @@ def _intermediate_normalizer(state: dict, depth: int, dim: int) -> tuple[str, di
     return "none", {}
 
 
-def _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix) -> RadioConfig:
+def _vitdet_schedule(args: Any, depth: int, window_size: int | None, num_global: int | None) -> dict[str, Any]:
+    """RadioConfig fields of the ViTDet global-block schedule (official: num_global, else num_windowed)."""
+    if window_size is None:
+        return {}
+    if num_global is None:
+        num_windowed = _arg(args, "vitdet_num_windowed", None)
+        if num_windowed is not None:
+            period = int(num_windowed) + 1
+            return {"global_blocks": [i for i in range(depth) if i % period == period - 1]}
+        num_global = _arg(args, "vitdet_num_global", None) or 4
+    if not isinstance(num_global, int) or isinstance(num_global, bool) or num_global <= 0:
+        raise ValueError(f"vitdet_num_global must be a positive int, got {num_global!r}")
+    return {"num_global": num_global}
+
+
+def _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix, num_global) -> RadioConfig:
     for key in ("patch_generator.embedder.weight", "patch_generator.pos_embed", "patch_generator.cls_token.token"):
         if key not in backbone:
             raise ValueError(f"checkpoint backbone lacks {key!r}: only CPE ViTs (RADIOv2.5 / C-RADIO) are supported")
@@ -208,6 +233,7 @@ def _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefi
         window_size=window_size,
         vitdet_prefix=vitdet_prefix,
         final_norm="norm.weight" in backbone,
+        **_vitdet_schedule(args, depth, window_size, num_global),
     )
 
 
@@ -276,6 +302,8 @@ def load_radio_checkpoint(
     num_heads: int | None = None,
     window_size: int | None = None,
     vitdet_prefix: str = "skip",
+    vitdet_num_global: int | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Build ``model_cls`` (a ``RadioModel``) from an official RADIO checkpoint, in eval mode.
 
@@ -285,7 +313,11 @@ def load_radio_checkpoint(
         use_ema: prefer ``state_dict_ema`` when present.
         num_heads: head count when neither ``args`` nor the timm model name gives it.
         window_size, vitdet_prefix: run the loaded model in ViTDet mode (official: window 8/16, "skip").
+        vitdet_num_global: global blocks in ViTDet mode (None: ``args.vitdet_num_global``, else 4).
+        dtype: parameter dtype (None: ``args.dtype`` when it is a torch dtype, else float32).
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if "args" not in checkpoint or not any(k in checkpoint for k in ("state_dict", "state_dict_ema")):
@@ -297,7 +329,7 @@ def load_radio_checkpoint(
     if any("parametrizations" in k for k in backbone):
         raise ValueError("backbone has spectral-reparametrised weights; load the EMA state dict (use_ema=True)")
 
-    config = _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix)
+    config = _backbone_config(args, backbone, state, num_heads, window_size, vitdet_prefix, vitdet_num_global)
     feature_norm = _feature_normalizer(state)
     if feature_norm:
         config = dataclasses.replace(config, feature_normalizer=True)
@@ -333,4 +365,9 @@ def load_radio_checkpoint(
             f"checkpoint does not match the inferred architecture: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+    if dtype is None:
+        dtype = _arg(args, "dtype", None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    model.to(dtype)
+    model.input_norm.float()  # pixels are normalised in float32, then cast (RadioModel._embed)
     return model.eval()

@@ -15,6 +15,7 @@ VITDET_PREFIX_MODES = ("skip", "global", "replicate")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 INTERMEDIATE_NORMALIZERS = ("none", "shared", "per_block")
 ADAPTOR_HEADS = ("mlp", "attn")
+FFN_KINDS = ("mlp", "swiglu")
 
 # C-RADIOv4 prefix layout: one CLS token per teacher (SigLIP2, DINOv3, SAM3) plus registers up to a
 # multiple of 10; the backbone summary concatenates the CLS tokens of the teachers that have a summary.
@@ -49,14 +50,19 @@ class RadioConfig:
     ``final_norm``: a LayerNorm (eps 1e-6) applied to all output tokens. Official RADIO checkpoints are
     trained without one (their timm ``norm`` is replaced by an identity), so loading them sets it False.
 
-    ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of all output tokens after
-    the final norm, before the summary, the features and the adaptor heads; official checkpoints that
-    store a ``_feature_normalizer`` carry it, and loading them turns it on with their ``mean`` / ``tx``.
+    ``feature_normalizer``: a fixed affine whitening ``y = (x - mean) @ tx^T`` of the output patch tokens
+    after the final norm, before the features and the adaptor feature heads; the backbone summary and the
+    adaptor summary heads read the un-normalised CLS tokens (as in the official models). Official
+    checkpoints that store a ``_feature_normalizer`` carry it, and loading them turns it on with their
+    ``mean`` / ``tx``.
 
     ``intermediate_normalizer``: "none", or a fixed per-block whitening of the patch tokens that
     ``forward_intermediates`` returns (``radio.model.embed.IntermediateNormalizer``) with one rotation
     shared by all blocks ("shared") or one per block ("per_block"); official checkpoints that store an
     ``inter_feature_normalizer`` carry it.
+
+    ``ffn``: the blocks' feed-forward, "mlp" (Linear, GELU, Linear) or "swiglu"
+    (``down(silu(gate(x)) * up(x))``, hidden width ``hidden_dim``), which transformers' RADIO port offers.
     """
 
     embed_dim: int = 768
@@ -80,6 +86,7 @@ class RadioConfig:
     final_norm: bool = True
     feature_normalizer: bool = False
     intermediate_normalizer: str = "none"
+    ffn: str = "mlp"
 
     def __post_init__(self) -> None:
         for name in ("summary_idxs", "global_blocks"):
@@ -165,6 +172,8 @@ class RadioConfig:
                 f"RadioConfig.intermediate_normalizer must be one of {INTERMEDIATE_NORMALIZERS}, "
                 f"got {self.intermediate_normalizer!r}"
             )
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"RadioConfig.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"RadioConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"

@@ -40,10 +40,11 @@ class PatchEmbed(nn.Module):
 
 
 class FeatureNormalizer(nn.Module):
-    """A fixed affine whitening of output tokens, ``y = (x - mean) @ tx^T`` (buffers ``mean`` (D,), ``tx`` (D, D)).
+    """Fixed affine whitening of output patch tokens, ``y = (x - mean) @ tx^T`` (buffers ``mean`` (D,), ``tx`` (D, D)).
 
-    Official RADIO checkpoints may store one (``_feature_normalizer``); it is applied to every output
-    token before the summary, the features and the adaptor heads. Identity until loaded.
+    Official RADIO checkpoints may store one (``_feature_normalizer``); it is applied to the patch tokens
+    only, before the features and the adaptor feature heads; summaries (backbone and adaptor summary
+    heads) read the un-normalised CLS tokens. Identity until loaded.
     """
 
     def __init__(self, dim: int) -> None:

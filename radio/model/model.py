@@ -9,10 +9,12 @@ Forward pass for x (B, 3, H, W) in [0, 1], token grid h = H/p, w = W/p, P prefix
     tokens = blocks(tokens)                                      ViTDet schedule, see radio.model.vitdet
     tokens = LN(tokens)                                          final norm (config.final_norm), all tokens
     summary  = concat(tokens[:, i] for i in summary_idxs)        (B, len(summary_idxs) * D)
-    features = tokens[:, P:]                                     (B, h*w, D) | NCHW | NHWC
+    features = FN(tokens[:, P:])                                 (B, h*w, D) | NCHW | NHWC
 
-With adaptors, teacher t's summary head reads CLS token ``spec.cls_index`` and its feature head the
-patch tokens; the output is ``{"backbone": RadioOutput, t: RadioOutput, ...}``.
+FN is the output feature normaliser (config.feature_normalizer, official checkpoints): it whitens the
+patch tokens only, as the official model does; the summaries read the un-normalised CLS tokens. With
+adaptors, teacher t's summary head reads CLS token ``spec.cls_index`` (un-normalised) and its feature
+head the normalised patch tokens; the output is ``{"backbone": RadioOutput, t: RadioOutput, ...}``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class RadioModel(nn.Module):
                 config.layer_scale,
                 norm_eps=1e-6,
                 backend=config.attention_backend,
+                ffn=config.ffn,
             )
             for _ in range(config.depth)
         )
@@ -172,15 +175,17 @@ class RadioModel(nn.Module):
         return len(self.config.summary_idxs) * self.config.embed_dim
 
     def get_nearest_supported_resolution(self, height: int, width: int) -> Resolution:
-        """Round each side to the nearest multiple of min_resolution_step within [step, max_resolution]."""
+        """Round each side to the nearest multiple of min_resolution_step, at least one step.
+
+        Not clamped to ``max_resolution``: larger inputs run, the position table is resampled up (as in
+        the official models)."""
         step = self.min_resolution_step
-        top = self.max_resolution // step * step
         for name, side in (("height", height), ("width", width)):
             if isinstance(side, bool) or not isinstance(side, (int, float)) or not math.isfinite(side):
                 raise ValueError(f"{name} must be a finite number of pixels, got {side!r}")
 
         def snap(side: int) -> int:
-            return int(min(max(round(side / step) * step, step), top))
+            return int(max(round(side / step) * step, step))
 
         return Resolution(snap(height), snap(width))
 
@@ -222,11 +227,6 @@ class RadioModel(nn.Module):
                 f"x height and width must be positive multiples of min_resolution_step={step}, got {H}x{W}; "
                 f"nearest supported resolution: {nearest.height}x{nearest.width}"
             )
-        if max(H, W) > self.max_resolution:
-            raise ValueError(
-                f"x height and width must be at most max_resolution={self.max_resolution}, got {H}x{W}; "
-                f"nearest supported resolution: {nearest.height}x{nearest.width}"
-            )
         return H // self.patch_size, W // self.patch_size
 
     # ------------------------------------------------------------------ trunk
@@ -262,6 +262,7 @@ class RadioModel(nn.Module):
             x = x.to(weight_dtype)  # documented in forward: x follows the model's dtype (float64 pixels work)
         if not self._external_preprocessor:
             x = self.input_norm(x)
+        x = x.to(self.patch_embed.proj.weight.dtype)  # a half / bf16 model takes float32 pixels
         tokens = self.cpe(self.patch_embed(x), grid, generator, cpe_uniforms)
         prefix = self.prefix_tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return torch.cat([prefix, tokens], dim=1), grid
@@ -293,27 +294,32 @@ class RadioModel(nn.Module):
     ):
         """All output tokens after the final norm, (B, P + h*w, D) in raster order, and the grid (h, w).
 
-        ``generator`` / ``cpe_uniforms``: the training-time CPE randomness, as in ``forward``.
+        The output feature normaliser is not applied here (``patch_features`` applies it to the patch
+        tokens). ``generator`` / ``cpe_uniforms``: the training-time CPE randomness, as in ``forward``.
         """
         tokens, grid = self._embed(x, generator, cpe_uniforms)
         tokens, _ = self._run_blocks(tokens, grid)
-        return self._final_norm(tokens), grid
+        return self.norm(tokens), grid
 
-    def _final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm, then the (official checkpoints') feature normaliser, when configured."""
-        return self.feature_norm(self.norm(tokens))
+    def patch_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P + h*w, D) output tokens -> (B, h*w, D) patch features, through the feature normaliser."""
+        return self.feature_norm(tokens[:, self.config.num_prefix_tokens :])
 
     # ------------------------------------------------------------------ outputs
-    def _backbone_output(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str) -> RadioOutput:
+    def _backbone_output(
+        self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str, features: torch.Tensor | None = None
+    ) -> RadioOutput:
         summary = tokens[:, self.config.summary_idxs].flatten(1)
-        features = tokens[:, self.config.num_prefix_tokens :]
+        if features is None:
+            features = tokens[:, self.config.num_prefix_tokens :]
         return RadioOutput(summary, format_features(features, *grid, fmt))
 
     def _outputs(self, tokens: torch.Tensor, grid: tuple[int, int], fmt: str):
-        backbone = self._backbone_output(tokens, grid, fmt)
+        # Only the patch tokens go through the feature normaliser; summaries read the raw CLS tokens.
+        patches = self.patch_features(tokens)
+        backbone = self._backbone_output(tokens, grid, fmt, patches)
         if not self.adaptor_specs:
             return backbone
-        patches = tokens[:, self.config.num_prefix_tokens :]
         out = {"backbone": backbone}
         for spec in self.adaptor_specs:
             summary, features = self.adaptors[spec.name](tokens[:, spec.cls_index], patches, grid)
@@ -328,11 +334,15 @@ class RadioModel(nn.Module):
         *,
         generator: torch.Generator | None = None,
         cpe_uniforms: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
     ):
         """x (B, 3, H, W) in [0, 1] -> RadioOutput, or {"backbone": ..., teacher: ...} with adaptors.
 
         x of another float dtype than the model's is cast to the model's (outside autocast); x on
         another device raises. Values far outside [0, 1] (0-255 pixels) give a one-time warning.
+
+        Packed batch of images of different sizes (transformers' layout): x (T, 3*p*p) patches and
+        ``image_grid_hw`` (S, 2) grids; summary (S, .), features (T, D); see ``radio.model.packed``.
 
         Training-time CPE randomness (table crop and position dropout per sample, radio.model.cpe):
         ``cpe_uniforms`` (B, 5) float U(0, 1) draws, columns (side scale, aspect, offset x, offset y,
@@ -340,6 +350,10 @@ class RadioModel(nn.Module):
         them the draws come from ``generator`` (else the global RNG). Both are unused in eval mode.
         """
         _check_feature_fmt("feature_fmt", feature_fmt)
+        if image_grid_hw is not None:
+            from .packed import forward_packed
+
+            return forward_packed(self, x, image_grid_hw, feature_fmt, generator, cpe_uniforms)
         tokens, grid = self.forward_features(x, generator, cpe_uniforms)
         return self._outputs(tokens, grid, feature_fmt)
 
@@ -365,9 +379,11 @@ class RadioModel(nn.Module):
         ``normalize``: apply the per-block intermediate normaliser to the patch tokens, when the model
         has one (official checkpoints; like their ``norm_alpha_scheme="post-alpha"``; False is their
         "none"). ``norm`` then applies the final LayerNorm (not the output feature normaliser, which
-        only the final outputs get, as in the official models). Returns ``intermediates`` when ``intermediates_only``
-        (with ``stop_early`` skipping the blocks after the last one taken), else ``(final, intermediates)``
-        where ``final`` is what ``forward(x, output_fmt)`` returns. ``generator`` / ``cpe_uniforms``: the
+        only the final outputs get, as in the official models). ``stop_early`` skips the blocks after
+        the last one taken. Returns ``intermediates`` when ``intermediates_only``, else
+        ``(final, intermediates)``, where ``final`` is built like ``forward(x, output_fmt)``'s output from
+        the tokens after the last block run (the last one taken with ``stop_early``), through the final
+        LayerNorm only when ``norm`` (as in the official models). ``generator`` / ``cpe_uniforms``: the
         training-time CPE randomness, as in ``forward``.
         """
         _check_feature_fmt("output_fmt", output_fmt)
@@ -391,7 +407,7 @@ class RadioModel(nn.Module):
             if not take or take[0] < 0 or take[-1] >= depth:
                 raise ValueError(f"indices must name blocks in [-{depth}, {depth}), got {list(indices)}")
         tokens, grid = self._embed(x, generator, cpe_uniforms)
-        stop = take[-1] if (stop_early and intermediates_only) else None
+        stop = take[-1] if stop_early else None
         tokens, taken = self._run_blocks(tokens, grid, set(take), stop_after=stop)
         intermediates = []
         p = self.config.num_prefix_tokens
@@ -404,15 +420,29 @@ class RadioModel(nn.Module):
             intermediates.append(out if return_prefix_tokens else out.features)
         if intermediates_only:
             return intermediates
-        return self._outputs(self._final_norm(tokens), grid, output_fmt), intermediates
+        return self._outputs(self.norm(tokens) if norm else tokens, grid, output_fmt), intermediates
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "radio") -> None:
+        """Write ``config.json`` (config + adaptor specs) and ``model.safetensors`` into ``directory``
+        (refused, ``radio.finite.NonFiniteError``, when a weight holds NaN / Inf).
+
+        ``format="transformers"``: a folder ``transformers.RadioModel.from_pretrained`` loads, plus a side
+        file with what it has no place for (``radio.model.hf_transformers``).
+        """
         from safetensors.torch import save_file
 
+        from radio.finite import check_finite
+
+        if format not in ("radio", "transformers"):
+            raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
+        check_finite(self, f"a model to {str(directory)!r}")
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"directory {os.fspath(directory)!r} is an existing file; save_pretrained writes a folder")
+        if format == "transformers":
+            from .hf_transformers import save_transformers_folder
+
+            return save_transformers_folder(self, directory)
         os.makedirs(directory, exist_ok=True)
         meta = {
             "format": "radio-model",
@@ -427,9 +457,16 @@ class RadioModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> RadioModel:
-        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs)."""
+        """Rebuild a model written by ``save_pretrained`` (exact weights, config and adaptor specs).
+
+        Also reads a ``transformers.RadioModel`` folder (config.json with ``model_type = "radio"``).
+        """
         from safetensors.torch import load_file
 
+        from .hf_transformers import is_transformers_folder, load_transformers_folder
+
+        if is_transformers_folder(directory):
+            return load_transformers_folder(cls, directory, map_location)
         config_path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise ValueError(f"directory {str(directory)!r} has no {CONFIG_FILE}; was it written by save_pretrained?")

@@ -99,13 +99,21 @@ def _from_pretrained(model_cls, name_or_path: str, **kwargs):
 
 
 def load_teacher(
-    kind: str, name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    kind: str,
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
 ) -> Teacher:
     """Load a pretrained teacher with ``from_pretrained`` (hub name online, local folder offline).
 
     kind: "siglip2" (fixed-resolution ``siglip`` or NaFlex ``siglip2`` checkpoints, full
     image-text or vision-only), "dinov3" (``DINOv3ViTModel``) or "sam3" (the ``Sam3ViTModel``
     trunk, alone or inside a full SAM3 checkpoint).
+
+    The weights load straight onto ``device`` in ``dtype`` (``device_map``: no full float32 copy in
+    CPU memory first, which for DINOv3-7B would be ~28 GB per rank), with attention through
+    ``attn_implementation`` ("sdpa" by default; None: the checkpoint's own choice).
     """
     _check_kind(kind)
     if not isinstance(dtype, torch.dtype):
@@ -118,15 +126,18 @@ def load_teacher(
     mtype = config.model_type
     mean, std = _normalisation(kind, name_or_path)
     common = {"name": str(name_or_path), "mean": mean, "std": std, "dtype": dtype}
+    load = {"dtype": dtype, "device_map": str(torch.device(device))}
+    if attn_implementation is not None:
+        load["attn_implementation"] = attn_implementation
     if kind == "siglip2" and mtype in _SIGLIP_FIXED:
-        teacher = SiglipTeacher(_from_pretrained(SiglipVisionModel, name_or_path, dtype=dtype), **common)
+        teacher = SiglipTeacher(_from_pretrained(SiglipVisionModel, name_or_path, **load), **common)
     elif kind == "siglip2" and mtype in _SIGLIP_NAFLEX:
-        teacher = Siglip2NaFlexTeacher(_from_pretrained(Siglip2VisionModel, name_or_path, dtype=dtype), **common)
+        teacher = Siglip2NaFlexTeacher(_from_pretrained(Siglip2VisionModel, name_or_path, **load), **common)
     elif kind == "dinov3" and mtype in _DINOV3:
-        teacher = DINOv3Teacher(_from_pretrained(DINOv3ViTModel, name_or_path, dtype=dtype), **common)
+        teacher = DINOv3Teacher(_from_pretrained(DINOv3ViTModel, name_or_path, **load), **common)
     elif kind == "sam3" and mtype.startswith("sam3"):
         model = _from_pretrained(
-            Sam3ViTModel, name_or_path, config=_sam3_vit_config(config), dtype=dtype, key_mapping=_SAM3_KEY_MAPPING
+            Sam3ViTModel, name_or_path, config=_sam3_vit_config(config), key_mapping=_SAM3_KEY_MAPPING, **load
         )
         teacher = Sam3Teacher(model, **common)
     else:

@@ -3,25 +3,47 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from radio.model import AdaptorSpec, RadioConfig, RadioModel
 
+from .adapt import adapt_student
 from .config import OptimConfig, TrainConfig
+from .init_from import init_student
 from .teaching import TeacherSlot
 
-__all__ = ["build_optimizer", "build_student", "lr_factor", "optimizer_step", "update_ema"]
+__all__ = [
+    "apply_step",
+    "build_optimizer",
+    "build_student",
+    "clip_gradients",
+    "lr_factor",
+    "optimizer_step",
+    "skip_step",
+    "update_ema",
+]
 
 
 def build_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
-    """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher.
+    """``RadioConfig.preset(student.preset, **student.model)`` with one adaptor per teacher, or the
+    model in ``student.init_from`` (radio.train.init_from); then ``student.freeze`` / ``student.lora``
+    (radio.train.adapt).
 
     Teacher i's summary head reads CLS token i; teachers without a summary (or with summary
     weight 0) get no summary head, and their CLS tokens stay out of the backbone summary unless
     ``student.model.summary_idxs`` says otherwise.
     """
+    if cfg.student.init_from is not None:
+        model = init_student(cfg, slots)
+    else:
+        model = _build_fresh_student(cfg, slots)
+    return adapt_student(model, cfg.student)
+
+
+def _build_fresh_student(cfg: TrainConfig, slots: dict[str, TeacherSlot]) -> RadioModel:
     # The backbone summary concatenates the CLS tokens of the teachers that have a summary loss
     # (C-RADIOv4: SigLIP2 and DINOv3 -> [0, 1]); an untrained CLS token (SAM3's) never joins it.
     summary_idxs = [i for i, slot in enumerate(slots.values()) if slot.has_summary]
@@ -71,7 +93,14 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied.
+
+    Under FSDP2 both are sharded alike, and the lerp is per shard (after resharding any parameters a
+    forward left gathered, e.g. the root's).
+    """
+    for m in (ema, model):
+        if hasattr(m, "reshard"):  # an FSDP2 module
+            m.reshard()
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
@@ -79,14 +108,32 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def optimizer_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, grad_clip: float, ema_decay: float):
-    """The end of every training step: clip, AdamW, zero the gradients, advance the LR, update the EMA.
+def clip_gradients(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``grad_clip`` (``<= 0``: no clipping); returns the norm before."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
 
-    Returns the gradient norm before clipping (``grad_clip <= 0`` disables clipping).
-    """
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+
+def apply_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, ema_decay: float) -> None:
+    """AdamW, zero the gradients, advance the LR, update the EMA."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     update_ema(ema, model, ema_decay)
+
+
+def skip_step(optimizer, scheduler) -> None:
+    """Drop this step's gradients; weights, AdamW moments and the EMA stay, the LR schedule advances."""
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+def optimizer_step(model: nn.Module, ema: nn.Module, optimizer, scheduler, grad_clip: float, ema_decay: float):
+    """The end of a training step without a guard: clip, AdamW, zero the gradients, advance the LR, update the EMA.
+
+    Returns the gradient norm before clipping (``grad_clip <= 0`` disables clipping).
+    """
+    grad_norm = clip_gradients(model, grad_clip)
+    apply_step(model, ema, optimizer, scheduler, ema_decay)
     return grad_norm

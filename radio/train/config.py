@@ -28,6 +28,7 @@ __all__ = [
     "DampConfig",
     "DataConfig",
     "FidelityConfig",
+    "LoraConfig",
     "LossConfig",
     "OptimConfig",
     "RunConfig",
@@ -45,13 +46,17 @@ __all__ = [
     "valid_keys",
 ]
 
-TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
+TEACHER_KINDS = ("siglip2", "dinov3", "sam3", "hf", "timm")
+TEACHER_SUMMARIES = ("auto", "cls", "pooler", "none")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 LOSS_BACKENDS = ("auto", "triton", "torch")
 # Seeds feed numpy's SeedSequence (non-negative only) and torch generators (64-bit, and the DAMP
 # stream's seed is run.seed * 1_000_003 + 29): 32-bit seeds fit every use.
 MAX_SEED = 2**32 - 1
+FREEZE_MODES = ("none", "backbone")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 @dataclass
@@ -75,11 +80,34 @@ class TeacherConfig:
     seed: int = 0
     head: str = "mlp"
     high_res_mode: str = "auto"
+    # How a loaded teacher runs: transformers' attention implementation, and torch.compile (teachers
+    # are frozen and run every step at a few fixed shapes, so compiling pays off on long runs).
+    attn_implementation: str = "sdpa"
+    compile: bool = False
+    # With student.init_from: the source model's adaptor head to start this teacher's head from.
+    # None: the head named like this teacher, when the source has one; "": always a new head.
+    init_head: str | None = None
+    # Kinds "hf" / "timm" only (radio.teachers.generic; name_or_path required): the hidden layer to
+    # read (hf; None = the final output), the leading tokens to drop (None = all but the patch grid
+    # for hf, the model's num_prefix_tokens for timm), the summary ("auto": "cls" for hf, "pooler" for timm).
+    layer: int | None = None
+    prefix_tokens: int | None = None
+    summary: str = "auto"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the backbone's linear layers (radio.model.lora): W x + (alpha / rank) B A x, B = 0 at start."""
+
+    rank: int = 0  # 0 = off
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # Linear names inside the blocks
 
 
 @dataclass
 class StudentConfig:
-    """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields)."""
+    """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields), or the
+    model in ``init_from`` (radio.train.init_from), then ``freeze`` / ``lora`` (radio.train.adapt)."""
 
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +115,13 @@ class StudentConfig:
     # dropout). Off = the student runs its CPE as at inference (an ablation). Either way DDP matches
     # one process: each sample's crop comes from its own seed (Batch.cpe_uniforms).
     cpe_augmentation: bool = True
+    # Recompute each block's activations in backward (memory for compute); works with DAMP, whose
+    # noise is replayed exactly in the recomputation.
+    grad_checkpointing: bool = False
+    # An NVlabs/RADIO checkpoint file or a RadioModel.from_pretrained folder: start from its weights.
+    init_from: str | None = None
+    freeze: str = "none"  # "none" | "backbone" (only the adaptor heads, and LoRA factors, train)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -162,6 +197,14 @@ class RunConfig:
     # torch intra-op CPU threads; 0 = torch's default. The tiny demo runs fastest single-threaded
     # (its ops are too small to split, and the data worker gets the other core).
     threads: int = 1
+    # A step whose loss or gradient norm is NaN / Inf is never applied. "stop": end the run (non-zero
+    # exit, naming the step and the term; the last good checkpoint stays). "skip": drop the step, count
+    # it in metrics.jsonl, and stop after max_skipped consecutive skips.
+    nonfinite: str = "stop"
+    max_skipped: int = 10
+    # "ddp": replicated student, one checkpoint file. "fsdp": FSDP2-sharded student, EMA and AdamW
+    # moments, sharded checkpoints (torch.distributed.checkpoint) resumable at another world size.
+    parallel: str = "ddp"
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
@@ -200,6 +243,9 @@ class TrainConfig:
         _check_positive(self.run, "run", ("steps", "log_every", "checkpoint_every", "keep_last"))
         _check_choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         _check_choice("run.amp", self.run.amp, ("auto", "bf16", "off"))
+        _check_choice("run.nonfinite", self.run.nonfinite, ("stop", "skip"))
+        _check_choice("run.parallel", self.run.parallel, ("ddp", "fsdp"))
+        _check_positive(self.run, "run", ("max_skipped",))
         if self.run.threads < 0:
             raise ValueError(f"run.threads must be >= 0, got {self.run.threads}")
         _check_seed("run.seed", self.run.seed)
@@ -237,6 +283,16 @@ class TrainConfig:
         if self.damp.sigma < 0:
             raise ValueError(f"damp.sigma must be >= 0, got {self.damp.sigma}")
         _check_positive(self.fidelity, "fidelity", ("resolution", "crops_per_image"))
+        _check_choice("student.freeze", self.student.freeze, FREEZE_MODES)
+        lora = self.student.lora
+        if not isinstance(lora.rank, int) or lora.rank < 0:
+            raise ValueError(f"student.lora.rank must be an int >= 0 (0 = off), got {lora.rank!r}")
+        if not lora.alpha > 0:
+            raise ValueError(f"student.lora.alpha must be > 0, got {lora.alpha!r}")
+        if not lora.targets or any(t not in LORA_TARGETS for t in lora.targets):
+            raise ValueError(
+                f"student.lora.targets must be a non-empty subset of {list(LORA_TARGETS)}, got {lora.targets}"
+            )
         if not self.enabled_teachers():
             raise ValueError("teachers: at least one teacher must be enabled")
         for name, t in self.teachers.items():
@@ -246,6 +302,10 @@ class TrainConfig:
             _check_choice(f"teachers.{name}.dtype", t.dtype, DTYPES)
             _check_choice(f"teachers.{name}.head", t.head, ("mlp", "attn"))
             _check_choice(f"teachers.{name}.high_res_mode", t.high_res_mode, HIGH_RES_MODES)
+            _check_choice(f"teachers.{name}.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+            _check_choice(f"teachers.{name}.summary", t.summary, TEACHER_SUMMARIES)
+            if t.kind in ("hf", "timm") and t.enabled and not t.name_or_path:
+                raise ValueError(f"teachers.{name}: kind {t.kind!r} needs name_or_path (a model name or folder)")
             if t.spatial_weight < 0 or t.summary_weight < 0:
                 raise ValueError(f"teachers.{name}: loss weights must be >= 0")
             _check_seed(f"teachers.{name}.seed", t.seed)
@@ -496,7 +556,8 @@ def valid_keys(cfg: TrainConfig | None = None) -> list[str]:
             for name in cfg.teachers:
                 keys += [f"teachers.{name}.{f.name}" for f in dataclasses.fields(TeacherConfig)]
         elif section.name == "student":
-            keys += ["student.preset", "student.cpe_augmentation"]
+            keys += ["student.preset", "student.cpe_augmentation", "student.init_from", "student.freeze"]
+            keys += [f"student.lora.{f.name}" for f in dataclasses.fields(LoraConfig)]
             keys += [f"student.model.{f}" for f in _radio_config_fields()]
         else:
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
@@ -539,10 +600,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if parts[2] not in _radio_config_fields():
                 raise _bad_key(key, cfg)
             cfg.student.model[parts[2]] = value
+        elif len(parts) == 3 and parts[:2] == ["student", "lora"]:
+            hints = _section_types(LoraConfig)
+            if parts[2] not in hints:
+                raise _bad_key(key, cfg)
+            setattr(cfg.student.lora, parts[2], _coerce(key, value, hints[parts[2]]))
         elif len(parts) == 2 and parts[0] in {f.name for f in dataclasses.fields(TrainConfig)} - {"teachers"}:
             section = getattr(cfg, parts[0])
             hints = _section_types(type(section))
-            if parts[1] not in hints or parts[1] == "model":
+            if parts[1] not in hints or parts[1] in ("model", "lora"):
                 raise _bad_key(key, cfg)
             setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
         else:

@@ -5,23 +5,93 @@ NeurIPS 2024.)
 
 For every ``nn.Linear`` weight W of the student, each forward pass uses
 
-    W~ = W * (1 + sigma * eps),    eps ~ N(0, I) drawn per step,
+    W~ = W * (1 + sigma * eps),    eps ~ N(0, I) drawn per micro-batch and per rank,
 
-and the gradient reaches W through the product (dL/dW = dL/dW~ * (1 + sigma * eps)). The noise is
-applied functionally (``torch.func.functional_call`` with the perturbed tensors in place of the
-parameters): the stored weights are never modified, so nothing has to be restored, gradient
-accumulation and DDP's gradient hooks see ordinary parameter gradients, and ``sigma = 0`` calls
-the module untouched (a bitwise no-op). sigma is annealed to 0 over the run.
+and the gradient reaches W through the product (dL/dW = dL/dW~ * (1 + sigma * eps)). sigma is
+annealed to 0 over the run.
+
+How the noise is applied: ``install_damp`` gives each listed ``nn.Linear`` an instance-level
+forward that runs the layer's own forward (a plain Linear's, a LoRALinear's, ...) with W~ in place
+of W when a DAMP state (sigma, seed) is set on it and the module is in training mode. The stored
+weights are never modified (nothing to restore; DDP, gradient accumulation and the optimizer see
+ordinary parameter gradients; the state dict is unchanged), and ``sigma = 0`` runs the layer on its
+untouched weights (a bitwise no-op, no random draws).
+
+The noise is counter-based: layer k's eps comes from its own generator seeded with a mix of the
+micro-batch's seed and k, drawn where the layer runs. So activation checkpointing, which re-runs a
+block's forward during backward, recomputes exactly the same W~ (the state stays set until the next
+micro-batch sets its own), and a resumed run replays the same noise from the saved seed stream.
+Each micro-batch's seed is one draw from the trainer's DAMP generator (checkpointed) mixed with the
+rank, so ranks draw independent noise, as DAMP prescribes (noise per device / sub-batch).
 """
 
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
 
-__all__ = ["damp_forward", "damp_sigma", "linear_weight_names"]
+__all__ = ["damp_forward", "damp_sigma", "install_damp", "linear_weight_names", "set_damp"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over the values: a well-spread 63-bit seed from a few integers."""
+    z = 0x9E3779B97F4A7C15
+    for v in values:
+        z = (z ^ (v & _MASK64)) & _MASK64
+        z = (z + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z >> 1
+
+
+def _noisy_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own forward (its class's: plain Linear, LoRALinear, ...) on W~ instead of W."""
+    own_forward = type(self).forward
+    state = self._damp_state
+    if state is None or not self.training or self._damp_inside:
+        return own_forward(self, x)
+    sigma, seed = state
+    w = self.weight
+    gen = torch.Generator(device=w.device).manual_seed(_mix(seed, self._damp_index))
+    eps = torch.randn(w.shape, generator=gen, device=w.device, dtype=torch.float32)
+    self._damp_inside = True  # the call below comes back here: run the class's forward then
+    try:
+        return torch.func.functional_call(self, {"weight": w * (1.0 + sigma * eps).to(w.dtype)}, (x,), strict=False)
+    finally:
+        self._damp_inside = False
+
+
+def install_damp(module: nn.Module, names: list[str]) -> list[nn.Linear]:
+    """Give the ``nn.Linear`` layers owning the weights ``names`` the DAMP forward (idempotent).
+
+    Returns those layers, in the order of ``names`` (their index k seeds their noise).
+    """
+    modules = dict(module.named_modules())
+    layers = []
+    for k, name in enumerate(names):
+        owner = name[: -len(".weight")] if name.endswith(".weight") else ""
+        layer = modules.get(owner)
+        if not isinstance(layer, nn.Linear) or not name.endswith("weight"):
+            raise ValueError(f"DAMP: {name!r} is not the weight of an nn.Linear of the module")
+        if getattr(layer, "_damp_index", None) is None:
+            layer.forward = types.MethodType(_noisy_linear_forward, layer)
+            layer._damp_state, layer._damp_inside = None, False
+        layer._damp_index = k
+        layers.append(layer)
+    return layers
+
+
+def set_damp(layers: list[nn.Linear], sigma: float, seed: int | None) -> None:
+    """Noise (sigma, seed) for the next forward passes of ``layers`` (``sigma = 0`` or None seed: off)."""
+    state = None if (sigma == 0 or seed is None) else (float(sigma), int(seed))
+    for layer in layers:
+        layer._damp_state = state
 
 
 def damp_sigma(sigma: float, schedule: str, step: int, total_steps: int) -> float:
@@ -50,26 +120,20 @@ def damp_forward(
     noise_generator: torch.Generator | None,
     /,
     *args,
+    rank: int = 0,
     **kwargs,
 ):
     """``module(*args, **kwargs)`` with the weights ``names`` multiplied by (1 + sigma * eps).
 
-    The noisy weights exist only during this call, so activation checkpointing, which re-runs the
-    forward during backward, would recompute with the clean weights and give wrong gradients:
-    that combination is refused.
+    Draws this call's seed from ``noise_generator`` (one int64; none at ``sigma = 0``) and mixes it
+    with ``rank``. The noise stays set on the layers after the call, so that a checkpointed block
+    recomputed during backward sees the same W~; the next call replaces it.
     """
+    layers = install_damp(module, names)
     if sigma == 0:
+        set_damp(layers, 0.0, None)
         return module(*args, **kwargs)
-    if any(getattr(m, "grad_checkpointing", False) for m in module.modules()):
-        raise ValueError(
-            "DAMP (damp.sigma > 0) cannot be combined with gradient checkpointing: the recomputed forward "
-            "would use the clean weights; turn one of them off"
-        )
-    params = dict(module.named_parameters())
-    noisy = {}
-    for name in names:
-        w = params[name]
-        gen_device = noise_generator.device if noise_generator is not None else w.device
-        eps = torch.randn(w.shape, generator=noise_generator, device=gen_device, dtype=torch.float32).to(w.device)
-        noisy[name] = w * (1.0 + sigma * eps).to(w.dtype)
-    return torch.func.functional_call(module, noisy, args, kwargs, strict=False)
+    gen_device = noise_generator.device if noise_generator is not None else "cpu"
+    draw = int(torch.randint(0, 2**62, (1,), generator=noise_generator, device=gen_device).item())
+    set_damp(layers, sigma, _mix(draw, rank))
+    return module(*args, **kwargs)

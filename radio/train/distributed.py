@@ -9,13 +9,14 @@ rank holds the same teacher normalisation.
 Exactness against one process on the same global batch: the spatial and MESA losses are means
 over the overlap Omega of each sample, so each rank's loss is re-weighted by its share of the
 global |Omega| (``radio.train.step``) and the DDP gradient average equals the single-process
-gradient. Every random draw is shared or per sample: DAMP noise comes from one generator seeded
-alike on every rank, and the student's CPE augmentation (table crop, position dropout) from each
-sample's own seed in the data pipeline (``Batch.cpe_uniforms``), so a rank draws for its samples
-exactly what one process would. One thing cannot match a single process exactly: mosaics of a
-teacher with global attention (SAM3), whose features for a view depend on the views packed next
-to it. Views are packed in batch order, so the mosaics agree when the local batch is a multiple of
-the views per canvas; ``high_res_mode = "resize"`` gives one view per canvas.
+gradient. The student's CPE augmentation (table crop, position dropout) comes from each sample's
+own seed in the data pipeline (``Batch.cpe_uniforms``), so a rank draws for its samples exactly
+what one process would. Two things cannot match a single process exactly: DAMP noise, which is
+independent per rank by design (DAMP perturbs each device's weights separately; the stream is
+checkpointed, so a resume is still exact), and mosaics of a teacher with global attention (SAM3),
+whose features for a view depend on the views packed next to it. Views are packed in batch order,
+so the mosaics agree when the local batch is a multiple of the views per canvas;
+``high_res_mode = "resize"`` gives one view per canvas.
 """
 
 from __future__ import annotations

@@ -16,25 +16,39 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from radio.finite import nonfinite_entries
+from radio.model import RadioModel
+
 from .align import ViewPlan
-from .build import build_optimizer, build_student, lr_factor, optimizer_step
-from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_to_dict, load_config, save_config
+from .build import apply_step, build_optimizer, build_student, clip_gradients, lr_factor, skip_step
+from .checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    load_latest_good,
+    quarantine_after,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .config import TrainConfig, check_resume_compatible, check_runtime, config_to_dict, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
 from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
 from .distributed import DistInfo, all_reduce_sum, setup
 from .fidelity import fidelity_batches, measure_fidelity
+from .guard import NonFiniteError, NonFiniteGuard
+from .parallel import Parallel
 from .plots import plot_losses
+from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
 from .teaching import build_teachers, plan_all_views, plan_for
 
@@ -87,14 +101,48 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (the run died after logging them)."""
+def _truncate_metrics(path: Path, last_step: int, log=print) -> None:
+    """Drop records logged after the checkpoint we resume from (the run died after logging them),
+    and a partial last line (the run died while writing it)."""
     if not path.is_file():
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log(f"{path}: dropping a partial last line (the run was interrupted while writing it)")
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON; fix or delete that line to resume") from None
+        if record["step"] <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def _lock_run_dir(run_dir: Path, info: DistInfo, log, cleanup: ExitStack) -> RunLock | None:
+    """Rank 0 takes ``run_dir``'s lock (released when the run ends; None on other ranks); every rank
+    fails alike if it cannot."""
+    error, lock = None, None
+    if info.is_main:
+        try:
+            lock = cleanup.enter_context(RunLock(run_dir, log=log))
+        except RunLockedError as err:
+            error = str(err)
+    if info.enabled:
+        holder = [error]
+        dist.broadcast_object_list(holder, src=0)
+        error = holder[0]
+    if error is not None:
+        raise RunLockedError(error)
+    return lock
+
+
+def _quiet(*args) -> None:
+    pass
 
 
 def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -117,18 +165,20 @@ def train(
     fidelity). Returns {"run_dir", "step", "fidelity" (None unless the run completed), "skipped_images"}.
     """
     cfg.validate()
+    check_runtime(cfg)  # the device and the loss backend exist here: before anything is written
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     threads = torch.get_num_threads()
     try:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        return _train(cfg, resume, stop_after, progress, log)
+        with ExitStack() as cleanup:  # the run directory's lock, released however the run ends
+            return _train(cfg, resume, stop_after, progress, log, cleanup)
     finally:
         torch.set_num_threads(threads)  # a process-wide setting: leave it as we found it
 
 
-def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log, cleanup: ExitStack) -> dict:
     was_initialised = dist.is_available() and dist.is_initialized()
     wanted = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = setup(wanted)
@@ -141,10 +191,20 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
         run_dir = Path(cfg.run.out)
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is None:
-            raise ValueError(f"--resume {str(run_dir)!r}: no checkpoint found in {run_dir}/checkpoints")
-        state = load_checkpoint(ckpt_path, map_location="cpu")
+        lock = _lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
+        ckpt_path, state = _resume_point(run_dir, info, log)
+        check_resume_compatible(state["config"], cfg)  # same teachers, same student
+        saved_parallel = state["config"]["run"].get("parallel", "ddp")
+        if saved_parallel != cfg.run.parallel:
+            raise ValueError(
+                f"run.parallel = {cfg.run.parallel!r}, but the run was trained with {saved_parallel!r} "
+                f"({ckpt_path.name}); resume it with --set run.parallel={saved_parallel}"
+            )
+        if cfg.run.steps < state["step"]:
+            raise ValueError(
+                f"--steps / run.steps = {cfg.run.steps} is below the step of the checkpoint to resume from "
+                f"({state['step']}, {ckpt_path.name}); a resumed run can only go on (give --steps >= {state['step']})"
+            )
     else:
         state = None
 
@@ -152,6 +212,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     torch.manual_seed(cfg.run.seed)  # student initialisation
     slots = build_teachers(cfg, device)
     raw = build_student(cfg, slots).to(device)
+    raw.set_grad_checkpointing(cfg.student.grad_checkpointing)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     plans, geometry = plan_all_views(cfg, slots, raw.patch_size, raw.min_resolution_step)
     if cfg.fidelity.enabled and cfg.fidelity.resolution % raw.min_resolution_step:
@@ -162,8 +223,16 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if state is None:  # only now, when the config is known to work, claim a run directory
         run_dir = _fresh_run_dir(cfg.run.out, info)
         cfg.run.out = str(run_dir)
+        lock = _lock_run_dir(run_dir, info, log, cleanup)
 
-    # ---------------------------------------------------------------- optimisation
+    if state is None and info.is_main:
+        save_config(cfg, run_dir / "config.toml")
+        if cfg.fidelity.enabled:
+            atomic_save(raw.state_dict(), run_dir / "checkpoints" / INITIAL_WEIGHTS)
+
+    # ---------------------------------------------------------------- parallelism and optimisation
+    parallel = Parallel(cfg.run.parallel, info, device)
+    student = parallel.wrap(raw, ema)  # before the optimizer: FSDP replaces the parameters
     optimizer = build_optimizer(raw, cfg.optim)
     total = cfg.run.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
@@ -173,12 +242,12 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     amp_dtype = _amp_dtype(cfg.run.amp, device)
     accum = cfg.optim.accum_steps
 
+    guard = NonFiniteGuard(cfg.run.nonfinite, cfg.run.max_skipped, log=log if info.is_main else _quiet)
+
     # ---------------------------------------------------------------- restore or initialise
     start, skipped = 0, set()
     if state is not None:
-        raw.load_state_dict(state["student"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_states(raw, ema, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         for name, slot in slots.items():
             slot.load_state(state["teachers"][name])
@@ -197,23 +266,15 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     "global torch RNG reseeded, DAMP stream continued"
                 )
         start, skipped = state["step"], set(state["data"]["skipped"])
+        guard.load_state_dict(state.get("guard", {}))
         if info.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            quarantine_after(run_dir, start, log)
+            _truncate_metrics(run_dir / "metrics.jsonl", start, log)
             # --steps / --set given with --resume change the run: record them, so that the next
             # resume continues the same schedule.
             save_config(cfg, run_dir / "config.toml")
-    elif info.is_main:
-        save_config(cfg, run_dir / "config.toml")
-        if cfg.fidelity.enabled:
-            atomic_save(raw.state_dict(), run_dir / "checkpoints" / INITIAL_WEIGHTS)
 
     stop = total if stop_after is None else min(total, stop_after)
-    ddp = None
-    student = raw
-    if info.enabled:
-        student = ddp = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None
-        )
     if cfg.run.compile:
         student = torch.compile(student)
     raw.train()
@@ -244,7 +305,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if info.is_main:
         log(f"run directory: {run_dir}  (steps {start} -> {stop} of {total}, device {device}, ranks {info.world_size})")
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if info.is_main else None
     last_saved = start if state is not None else -1
     step_time = time.perf_counter()
     for step in range(start, stop):
@@ -253,8 +314,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         for micro in range(accum):
             batch = next(batches)
             skipped.update(batch.skipped)
-            no_sync = info.enabled and micro < accum - 1
-            with ddp.no_sync() if no_sync else nullcontext():
+            with parallel.sync(student, raw, last_micro=micro == accum - 1):
                 objective, parts = micro_step_losses(
                     batch,
                     models,
@@ -267,60 +327,100 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                     damp_generator=generators["damp"],
                     world_size=info.world_size,
                     first_micro=micro == 0,
+                    rank=info.rank,
                 )
                 (objective / accum).backward()
             for k, v in parts.items():
                 totals[k] += v / accum
         lr = scheduler.get_last_lr()[0]
-        grad_norm = optimizer_step(raw, ema, optimizer, scheduler, cfg.optim.grad_clip, cfg.loss.ema_decay)
+        done = step + 1
+        grad_norm = parallel.grad_norm(clip_gradients(raw, cfg.optim.grad_clip))
+
+        # ------------------------------------------------------------ the guard: apply only finite steps
+        try:
+            applied = guard.check(done, totals, grad_norm, where=_last_good(run_dir, last_saved))
+        except NonFiniteError:
+            _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard)
+            raise
+        if applied:
+            apply_step(raw, ema, optimizer, scheduler, cfg.loss.ema_decay)
+        else:
+            skip_step(optimizer, scheduler)
 
         # ------------------------------------------------------------ metrics (summed over ranks)
-        done = step + 1
-        if done % cfg.run.log_every == 0 or done == stop:
-            keys = sorted(totals)
-            values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
-            now = time.perf_counter()
-            images_per_s = accum * d.batch_size / max(now - step_time, 1e-9)
-            record = {"step": done, "lr": lr, **dict(zip(keys, values))}
-            record |= {
-                "grad_norm": float(grad_norm),
-                "damp_sigma": sigma,
-                "resolution": batch.resolution,
-                "images_per_s": images_per_s,
-                "skipped_images": len(skipped),
-            }
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}", res=batch.resolution)
+        if done % cfg.run.log_every == 0 or done == stop or not applied:
+            record = _log_record(
+                metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
+            )
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", res=batch.resolution)
         step_time = time.perf_counter()
         bar.update(1)
+        if lock is not None:
+            lock.heartbeat()
 
         if done % cfg.run.checkpoint_every == 0 or done == stop:
-            _checkpoint(run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+            _checkpoint(
+                run_dir, done, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+            )
             last_saved = done
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     if last_saved != stop:  # every run ends with a checkpoint (also a resume with nothing left to do)
-        _checkpoint(run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info)
+        _checkpoint(
+            run_dir, stop, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+        )
 
     # ---------------------------------------------------------------- the end: plots, fidelity
     result = {"run_dir": str(run_dir), "step": stop, "fidelity": None, "skipped_images": len(skipped)}
+    measure = stop == total and cfg.fidelity.enabled
+    if measure:
+        final, final_ema = _plain_models(parallel, raw, ema)  # a collective under FSDP
     if info.is_main:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         if skipped:
             log(f"skipped {len(skipped)} unreadable or too small image(s)")
-        if stop == total and cfg.fidelity.enabled:
-            result["fidelity"] = _fidelity(cfg, run_dir, raw, ema, slots, held_images, device, log)
+        if measure:
+            result["fidelity"] = _fidelity(cfg, run_dir, final, final_ema, slots, held_images, device, log)
         log(f"done in {time.perf_counter() - started:.1f} s: {run_dir}")
     if info.enabled and not was_initialised:
         dist.destroy_process_group()
     return result
 
 
-def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info) -> None:
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard) -> dict:
+    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN)."""
+    keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
+    values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
+    images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
+    record = {"step": done, "lr": lr, **dict(zip(keys, values))}
+    record |= {
+        "grad_norm": float(grad_norm),
+        "damp_sigma": sigma,
+        "resolution": batch.resolution,
+        "images_per_s": images_per_s,
+        "skipped_images": len(skipped),
+        "skipped_steps": guard.skipped_steps,
+    }
+    if not all(math.isfinite(v) for v in values) or not math.isfinite(record["grad_norm"]):
+        record["applied"] = False
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    return record
+
+
+def _last_good(run_dir: Path, last_saved: int) -> str:
+    if last_saved < 0:
+        return "; no checkpoint had been written yet"
+    return f"; the last good checkpoint is {run_dir}/checkpoints/step_{last_saved:08d}.pt"
+
+
+def _checkpoint(
+    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel
+) -> None:
+    """Gather every rank's RNG state, then write the checkpoint (finite weights only): rank 0 alone
+    (``ddp``), or every rank its shards (``fsdp``). Collective."""
     rng = _rng_state(generators)
     per_rank = [rng]
     if info.enabled:
@@ -329,22 +429,64 @@ def _checkpoint(run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, gener
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, sorted(skipped))
         skipped = set().union(*gathered)
-    if not info.is_main:
-        return
-    state = {
+    tensors = parallel.states(raw, ema, optimizer)  # a collective under FSDP
+    meta = {
         "step": step,
         "config": config_to_dict(cfg),
         "model_config": raw.config.to_dict(),
         "adaptors": [spec.to_dict() for spec in raw.adaptor_specs],
-        "student": raw.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "teachers": {name: slot.state() for name, slot in slots.items()},
         "rng": {"per_rank": per_rank},
         "data": {"skipped": sorted(skipped)},
+        "guard": guard.state_dict(),
     }
-    save_checkpoint(run_dir, step, state, cfg.run.keep_last)
+    # Every rank checks its own shards; all refuse together if any found a NaN / Inf.
+    bad = nonfinite_entries({**parallel.local_tensors(tensors), "teachers": meta["teachers"]})
+    if all_reduce_sum(torch.tensor([float(len(bad))], device=parallel.device)).item() > 0:
+        where = ", ".join(bad[:5]) if bad else "tensors of another rank"
+        raise NonFiniteError(f"refusing to write the checkpoint of step {step}: non-finite values in {where}")
+    if parallel.sharded:
+        barrier = dist.barrier if info.enabled else (lambda: None)
+        save_sharded_checkpoint(run_dir, step, tensors, meta, cfg.run.keep_last, info.is_main, barrier)
+    elif info.is_main:
+        save_checkpoint(run_dir, step, {**meta, **tensors}, cfg.run.keep_last)
+
+
+def _plain_models(parallel: Parallel, raw, ema):
+    """(student, EMA) that rank 0 can run alone: themselves, or unsharded copies under multi-rank FSDP."""
+    if not (parallel.sharded and parallel.info.enabled):
+        return raw, ema
+    copies = []
+    for module in (raw, ema):
+        state = parallel.full_model_state(module)
+        if state is None:
+            copies.append(None)
+            continue
+        plain = RadioModel(raw.config, raw.adaptor_specs).to(parallel.device)
+        plain.load_state_dict(state)
+        copies.append(plain.train(module.training))
+    return tuple(copies)
+
+
+def _resume_point(run_dir: Path, info: DistInfo, log) -> tuple[Path, dict]:
+    """The newest good checkpoint: rank 0 verifies (newer broken ones are reported and skipped) and
+    tells the others which one to load."""
+    found: list = [None]
+    if info.is_main:
+        try:
+            path, state = load_latest_good(run_dir, map_location="cpu", log=log)
+            found = [str(path)]
+        except ValueError as err:  # also CorruptCheckpointError
+            found = [err]
+    if info.enabled:
+        dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], Exception):
+        raise found[0]
+    if not info.is_main:
+        path = Path(found[0])
+        state = load_checkpoint(path, map_location="cpu", verify=False)
+    return path, state
 
 
 def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: ImageSource, device, log) -> dict:

@@ -88,7 +88,10 @@ def teacher_targets(
         features = out.features.float()
         if update:
             slot.normalizer.update(features, advance=advance)
-        y = slot.normalizer(features)
+        if slot.normalizer.fitted:
+            y = slot.normalizer(features)
+        else:  # every row so far was NaN / Inf: no transform yet, and the guard reports this teacher
+            y = torch.full_like(features, float("nan"))
         shift = teacher_shift(student_origin, batch.origins[name], patch)
         if plan.follows_student:
             shift = torch.zeros_like(shift)
@@ -112,6 +115,7 @@ def micro_step_losses(
     damp_generator: torch.Generator | None,
     world_size: int = 1,
     first_micro: bool = True,
+    rank: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objective to backward, {metric name: this rank's detached contribution}) for one micro-batch.
 
@@ -131,13 +135,13 @@ def micro_step_losses(
             sigma,
             damp_generator,
             x_student,
+            rank=rank,  # DAMP noise is independent per rank
             feature_fmt="NHWC",
             cpe_uniforms=batch.cpe_uniforms.to(device, non_blocking=True),
         )
         with torch.no_grad():
             tokens, ema_grid = models.ema.forward_features(x_ema)
-            p = models.ema.config.num_prefix_tokens
-            ema_features = tokens[:, p:].reshape(tokens.shape[0], *ema_grid, -1)
+            ema_features = models.ema.patch_features(tokens).reshape(tokens.shape[0], *ema_grid, -1)
     ema_shift = teacher_shift(batch.origins[STUDENT], batch.origins["ema"], patch).to(device)
 
     # Each rank's share of the global overlap count, per spatial term (teachers, then MESA).
@@ -164,6 +168,8 @@ def micro_step_losses(
         else:
             summary = torch.zeros((), device=device)
         contributions[f"loss/{name}/spatial"] = spatial.detach()
+        # For the non-finite guard's message (not logged): did this teacher's own output hold NaN / Inf?
+        contributions[f"nonfinite/teacher/{name}"] = (~torch.isfinite(target.raw)).any().float()
         contributions[f"loss/{name}/summary"] = summary.detach()
         objective = objective + slot.cfg.spatial_weight * spatial + slot.cfg.summary_weight * summary
     mesa = mesa_loss(out["backbone"].features, ema_features, ema_shift, backend=backend) * share[-1]

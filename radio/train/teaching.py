@@ -12,6 +12,7 @@ from torch import nn
 
 from radio.normalize import PHISNormalizer
 from radio.teachers import Teacher, TeacherOutput, load_teacher, mosaic_features, tiled_teacher_output, tiny_teacher
+from radio.teachers.generic import GENERIC_KINDS, load_generic_teacher
 from radio.teachers.tiling import native_size
 from radio_kernels import DispersionMeter
 
@@ -57,10 +58,25 @@ def build_teachers(cfg: TrainConfig, device: torch.device) -> dict[str, TeacherS
     slots = {}
     for name, tcfg in cfg.enabled_teachers().items():
         dtype = _DTYPES[tcfg.dtype]
-        if tcfg.name_or_path is None:
+        if tcfg.kind in GENERIC_KINDS:
+            summary = None if tcfg.summary == "auto" else tcfg.summary
+            teacher = load_generic_teacher(
+                tcfg.kind,
+                tcfg.name_or_path,
+                layer=tcfg.layer,
+                prefix_tokens=tcfg.prefix_tokens,
+                summary=summary,
+                dtype=dtype,
+            )
+        elif tcfg.name_or_path is None:
             teacher = tiny_teacher(tcfg.kind, seed=tcfg.seed, dtype=dtype)
         else:
-            teacher = load_teacher(tcfg.kind, tcfg.name_or_path, dtype=dtype)
+            # Straight onto this rank's device in its dtype, attention through SDPA by default.
+            teacher = load_teacher(
+                tcfg.kind, tcfg.name_or_path, dtype=dtype, device=device, attn_implementation=tcfg.attn_implementation
+            )
+        if tcfg.compile:
+            teacher.model = torch.compile(teacher.model)
         slots[name] = TeacherSlot(name, tcfg, teacher, cfg).to(device)
     return slots
 
