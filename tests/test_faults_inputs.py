@@ -371,6 +371,16 @@ def test_viz_truncated_jpeg_is_a_clear_error(tmp_path, image_file, capsys):
     assert "could not be decoded" in capsys.readouterr().err
 
 
+def test_viz_image_too_large_or_a_folder(tmp_path, image_file, monkeypatch):
+    from radio.viz import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 48 x 48 is then a "decompression bomb"
+    with pytest.raises(ValueError, match="too large"):
+        load_image(image_file)
+    with pytest.raises(ValueError, match="is not a file"):
+        load_image(tmp_path)
+
+
 def test_viz_huge_size_and_bad_out_are_refused_before_any_work(tmp_path, image_file, monkeypatch, capsys):
     def no_work(*args, **kwargs):
         raise AssertionError("feature_panels must not run")
