@@ -135,6 +135,16 @@ def test_folder_of_unreadable_images_is_one_clear_error_with_the_count(tmp_path)
         ImageSource.from_config(str(folder))
 
 
+def test_images_all_below_min_image_side(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "a.png")
+    with pytest.raises(ValueError, match="1 with a side below data.min_image_side=64"):
+        ImageSource.from_config(str(folder), min_image_side=64)
+    with pytest.raises(ValueError, match="bundled images"):
+        ImageSource.from_config(None, min_image_side=100_000)
+
+
 def test_train_on_unreadable_folder_leaves_no_run_dir(tmp_path, capsys):
     folder = _garbage_folder(tmp_path / "images", 4)
     out = tmp_path / "run"
