@@ -310,7 +310,7 @@ def test_images_on_another_device_name_x():
         ("mlp_ratio", True),
         ("mlp_ratio", math.inf),
         ("layer_scale", math.inf),
-        ("pos_dropout", math.nan),
+        ("layer_scale", True),
         ("summary_idxs", [True]),
         ("global_blocks", [True]),
         ("global_blocks", 3),
