@@ -2,7 +2,7 @@
 
 Subcommands live in a registry: ``register_subcommand(name, help, add_arguments, run)`` adds one
 (``add_arguments(parser)`` declares its options, ``run(args) -> int`` executes it). Errors in the
-user's input (bad config key, missing folder, ...) print one clear message and exit with status 2;
+user's input (bad config key, missing folder, unwritable path, ...) print one clear message and exit with status 2;
 a run that went wrong (non-finite loss, gradient or weights) or whose directory is locked by
 another live run prints why and exits with status 1 (``RADIO_DEBUG=1`` shows the traceback instead).
 """
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: unwritable or impossible paths, full disks
         if os.environ.get("RADIO_DEBUG"):
             raise
         print(f"radio {args.command}: error: {e}", file=sys.stderr)

@@ -98,12 +98,16 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise ValueError(f"image {str(path)!r} is not a file")
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except UnidentifiedImageError as e:
         raise ValueError(f"image {str(path)!r} is not a readable image file") from e
+    except Image.DecompressionBombError as e:  # far more pixels than any network here could take
+        raise ValueError(f"image {str(path)!r} is too large to load: {e}") from e
     except (OSError, SyntaxError) as e:  # a truncated or corrupt file decodes partway, then fails
         raise ValueError(f"image {str(path)!r} could not be decoded (truncated or corrupt?): {e}") from e
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -8,16 +8,19 @@ non-finite scalars. Two hypothesis fuzzes close the file: ``--set`` values and t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -130,6 +133,16 @@ def test_folder_of_unreadable_images_is_one_clear_error_with_the_count(tmp_path)
     folder = _garbage_folder(tmp_path / "images", 5)
     with pytest.raises(ValueError, match="none of its 5 image files is usable \\(5 unreadable"):
         ImageSource.from_config(str(folder))
+
+
+def test_images_all_below_min_image_side(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "a.png")
+    with pytest.raises(ValueError, match="1 with a side below data.min_image_side=64"):
+        ImageSource.from_config(str(folder), min_image_side=64)
+    with pytest.raises(ValueError, match="bundled images"):
+        ImageSource.from_config(None, min_image_side=100_000)
 
 
 def test_train_on_unreadable_folder_leaves_no_run_dir(tmp_path, capsys):
@@ -290,6 +303,64 @@ def test_images_on_another_device_name_x():
         model(torch.rand(1, 3, 32, 32, device="meta"))
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_cls_tokens", True),
+        ("mlp_ratio", True),
+        ("mlp_ratio", math.inf),
+        ("layer_scale", math.inf),
+        ("layer_scale", True),
+        ("summary_idxs", [True]),
+        ("global_blocks", [True]),
+        ("global_blocks", 3),
+        ("qkv_bias", "no"),
+        ("final_norm", 0),
+    ],
+)
+def test_radio_config_rejects_bools_for_ints_and_non_finite_numbers(field, value):
+    with pytest.raises((ValueError, TypeError), match=field):
+        RadioConfig.preset("tiny", **{field: value})
+
+
+def test_adaptor_spec_rejects_bool_dims():
+    from radio.model import AdaptorSpec
+
+    with pytest.raises(ValueError, match="summary_dim"):
+        AdaptorSpec(name="a", summary_dim=True, feature_dim=4)
+
+
+def test_model_api_bad_arguments(tmp_path):
+    model = RadioModel(RadioConfig.preset("tiny")).eval()
+    x = torch.rand(1, 3, 32, 32)
+    for indices in (True, [True], [1.0], "a"):
+        with pytest.raises(TypeError, match="indices"):
+            model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    for side in (math.inf, math.nan, True, "64"):
+        with pytest.raises(ValueError, match="height"):
+            model.get_nearest_supported_resolution(side, 64)
+    with pytest.raises(TypeError, match="generator"):
+        model.train()(x, generator=3)
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"")
+    with pytest.raises(ValueError, match="existing file"):
+        model.save_pretrained(target)
+
+
+def test_cli_impossible_out_path_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    argv = ["train", "--no-progress", "--steps", "1", "--set", "fidelity.enabled=false"]
+    assert main([*argv, "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radio train: error:") and "Not a directory" in err
+
+
+def test_config_file_that_is_a_folder(tmp_path, capsys):
+    assert main(["train", "--print-config", "--config", str(tmp_path)]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # radio viz, export, export-onnx
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +379,16 @@ def test_viz_truncated_jpeg_is_a_clear_error(tmp_path, image_file, capsys):
     truncated.write_bytes(data[: len(data) // 2])
     assert main(["viz", str(truncated), "--teachers", "dinov3", "--out", str(tmp_path / "v.png")]) == 2
     assert "could not be decoded" in capsys.readouterr().err
+
+
+def test_viz_image_too_large_or_a_folder(tmp_path, image_file, monkeypatch):
+    from radio.viz import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 48 x 48 is then a "decompression bomb"
+    with pytest.raises(ValueError, match="too large"):
+        load_image(image_file)
+    with pytest.raises(ValueError, match="is not a file"):
+        load_image(tmp_path)
 
 
 def test_viz_huge_size_and_bad_out_are_refused_before_any_work(tmp_path, image_file, monkeypatch, capsys):
@@ -347,6 +428,10 @@ def test_export_onnx_to_a_directory_or_unknown_opset_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="opset_version must be at most"):
         export_onnx(model, tmp_path / "x.onnx", 64, 64, opset_version=99, check=False)
     assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError):  # the CLI reports OSError as one line too
+        export_onnx(model, blocker / "x.onnx", 64, 64, check=False)
 
 
 def test_export_onnx_failed_check_leaves_no_file(tmp_path, monkeypatch):
@@ -421,17 +506,33 @@ _VALUES = st.one_of(
 
 @settings(max_examples=60)
 @given(key=st.sampled_from(_KEYS), value=_VALUES)
-def test_fuzz_set_values_give_a_clean_cli_error(key, value):
-    import contextlib
-    import io
+@example(key="run.seed", value="-1")
+@example(key="student.model.depth", value="-1")
+@example(key="loss.backend", value="cuda")
+def test_fuzz_set_values_give_a_clean_cli_error_or_a_usable_config(key, value):
+    """``radio train --set KEY=VALUE`` either stops with one line and status 2, or hands ``train`` a
+    config that is usable: its seeds seed numpy and torch, its student architecture builds."""
+    seen = []
+
+    def fake_train(cfg, **kwargs):
+        seen.append(cfg)
+        return {}
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["train", "--print-config", "--set", f"{key}={value}"])
+    with mock.patch("radio.train.train", fake_train), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["train", "--no-progress", "--set", f"{key}={value}"])
     assert rc in (0, 2)
     assert "Traceback" not in err.getvalue()
     if rc == 2:
         assert err.getvalue().startswith("radio train: error:")
+        return
+    (cfg,) = seen
+    for seed in (cfg.run.seed, cfg.fidelity.seed, *(t.seed for t in cfg.teachers.values())):
+        np.random.default_rng([seed, 0])
+        torch.Generator().manual_seed(seed * 1_000_003 + 29)  # the trainer's DAMP stream seed
+    RadioConfig.preset(cfg.student.preset, **{"summary_idxs": [0], **cfg.student.model})
+    assert cfg.loss.backend in ("auto", "torch", "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +555,7 @@ def _arg_tensor(draw, shape):
     elif kind == "empty" and t.dim():
         t = t.narrow(draw(st.integers(0, t.dim() - 1)), 0, 0)
     elif kind == "rank":
-        t = t[None] if draw(st.booleans()) or t.dim() == 0 else t[0]
+        t = t[None] if draw(st.booleans()) or t.dim() == 0 else t.sum(0)  # one more or one fewer axis
     elif kind == "grow" and t.dim():
         t = torch.cat([t, t], dim=draw(st.integers(0, t.dim() - 1)))
     elif kind == "strided" and t.dim() >= 2:
@@ -478,7 +579,8 @@ def _call_expecting_clean(fn):
 
 
 _BACKEND = st.sampled_from(["torch", "triton", "triton", "auto", "cuda", None])
-_DIM = st.integers(1, 4)
+_DIM = st.sampled_from([0, 1, 1, 2, 3, 4])  # 0: empty axes are legal input too
+_WIDTH = st.sampled_from([0, 1, 3, 4, 16])  # head dim D / channels C
 
 
 @settings(max_examples=40)
@@ -489,12 +591,12 @@ def test_fuzz_ops_raise_only_value_or_type_errors(data):
     backend = draw(_BACKEND)
     if op == "attention":
         B, H, P, T, nw = draw(_DIM), draw(_DIM), draw(st.integers(0, 2)), draw(st.integers(0, 3)), draw(_DIM)
-        N, D = P + max(T, 1) * nw, draw(st.sampled_from([1, 4, 16]))
+        N, D = P + max(T, 1) * nw, draw(_WIDTH)
         q, k, v = (draw(_arg_tensor((B, H, N, D))) for _ in range(3))
         kwargs = dict(num_prefix=_scalar(draw, P), window_tokens=_scalar(draw, T), scale=_scalar(draw, None))
         _call_expecting_clean(lambda: attention(q, k, v, backend=backend, **kwargs))
     elif op in ("shifted_mse", "mesa_loss"):
-        B, C = draw(_DIM), draw(st.sampled_from([1, 3, 16]))
+        B, C = draw(_DIM), draw(_WIDTH)
         s = draw(_arg_tensor((B, draw(_DIM), draw(_DIM), C)))
         t = draw(_arg_tensor((B, draw(_DIM), draw(_DIM), C) if op == "shifted_mse" else tuple(s.shape)))
         shift = draw(
@@ -506,7 +608,7 @@ def test_fuzz_ops_raise_only_value_or_type_errors(data):
             eps = _scalar(draw, 1e-6)
             _call_expecting_clean(lambda: mesa_loss(s, t, shift, eps=eps, backend=backend))
     elif op == "angular_loss":
-        B, C = draw(_DIM), draw(st.sampled_from([1, 3, 16]))
+        B, C = draw(_DIM), draw(_WIDTH)
         x, y = draw(_arg_tensor((B, C))), draw(_arg_tensor((B, C)))
         dispersion = draw(st.one_of(st.just(0.5), _arg_tensor(()), st.sampled_from(_BAD_SCALARS)))
         _call_expecting_clean(lambda: angular_loss(x, y, dispersion, backend=backend))

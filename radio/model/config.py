@@ -7,6 +7,7 @@ Both are plain dataclasses that validate themselves on construction and round-tr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,10 @@ class RadioConfig:
     ffn: str = "mlp"
 
     def __post_init__(self) -> None:
+        for name in ("summary_idxs", "global_blocks"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise TypeError(f"RadioConfig.{name} must be a list of ints, got {value!r}")
         self.summary_idxs = list(self.summary_idxs)
         if self.global_blocks is not None:
             self.global_blocks = sorted(set(self.global_blocks))
@@ -95,6 +100,20 @@ class RadioConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        for name in ("qkv_bias", "final_norm", "feature_normalizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RadioConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("num_cls_tokens", "num_registers", "mlp_dim", "window_size"):
+            if isinstance(getattr(self, name), bool):  # an int subclass: True would mean 1
+                raise ValueError(f"RadioConfig.{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("summary_idxs", "global_blocks"):
+            if any(isinstance(i, bool) for i in getattr(self, name) or ()):
+                raise ValueError(f"RadioConfig.{name} must hold ints, got {getattr(self, name)!r}")
+        for name in ("mlp_ratio", "layer_scale", "pos_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"RadioConfig.{name} must be a finite number, got {value!r}")
+
         def positive_int(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -253,6 +272,9 @@ class AdaptorSpec:
             raise ValueError(
                 f"AdaptorSpec.name must be a non-empty string without '.' and not 'backbone', got {self.name!r}"
             )
+        for name in ("feature_dim", "upsample_factor", "summary_dim", "hidden_dim", "feature_hidden_dim", "cls_index"):
+            if isinstance(getattr(self, name), bool):  # an int subclass: True would mean 1
+                raise ValueError(f"AdaptorSpec.{name} must be an int, got {getattr(self, name)!r}")
         for name in ("feature_dim", "upsample_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

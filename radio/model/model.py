@@ -20,6 +20,7 @@ head the normalised patch tokens; the output is ``{"backbone": RadioOutput, t: R
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -179,6 +180,9 @@ class RadioModel(nn.Module):
         Not clamped to ``max_resolution``: larger inputs run, the position table is resampled up (as in
         the official models)."""
         step = self.min_resolution_step
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, bool) or not isinstance(side, (int, float)) or not math.isfinite(side):
+                raise ValueError(f"{name} must be a finite number of pixels, got {side!r}")
 
         def snap(side: int) -> int:
             return int(max(round(side / step) * step, step))
@@ -250,6 +254,8 @@ class RadioModel(nn.Module):
         self, x: torch.Tensor, generator: torch.Generator | None = None, cpe_uniforms: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.check_input(x)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self._check_pixel_range(x)
         weight_dtype = self.patch_embed.proj.weight.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
@@ -382,6 +388,14 @@ class RadioModel(nn.Module):
         """
         _check_feature_fmt("output_fmt", output_fmt)
         depth = len(self.blocks)
+        if isinstance(indices, bool) or (
+            indices is not None
+            and not isinstance(indices, int)
+            and not (
+                isinstance(indices, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+            )
+        ):
+            raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
         if indices is None:
             take = list(range(depth))
         elif isinstance(indices, int):
@@ -423,6 +437,8 @@ class RadioModel(nn.Module):
         if format not in ("radio", "transformers"):
             raise ValueError(f"format must be 'radio' or 'transformers', got {format!r}")
         check_finite(self, f"a model to {str(directory)!r}")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"directory {os.fspath(directory)!r} is an existing file; save_pretrained writes a folder")
         if format == "transformers":
             from .hf_transformers import save_transformers_folder
 

@@ -126,6 +126,10 @@ def export_onnx(
         raise ValueError(f"opset_version must be at most {newest} (the newest opset onnx knows), got {opset_version}")
     if os.path.isdir(path):
         raise ValueError(f"path {os.fspath(path)!r} is a directory; give the .onnx file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)  # before the (slow) export: an impossible path fails now
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"path {os.fspath(path)!r}: the folder {folder!r} is not writable")
     param = next(model.parameters())
     if check:
         if param.dtype != torch.float32:
@@ -161,8 +165,10 @@ def export_onnx(
         # Written into a temporary folder beside ``path`` and moved into place once every check passed:
         # a failed export leaves no file behind (nor a half-written one in place of an earlier export).
         # Same base name, so an external-data file (large models) keeps the name the graph refers to.
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".onnx-export-", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            staging = tempfile.mkdtemp(prefix=".onnx-export-", dir=folder)
+        except OSError as e:
+            raise ValueError(f"path {os.fspath(path)!r}: cannot write into {folder!r} ({e.strerror})") from e
         try:
             staged = os.path.join(staging, os.path.basename(path))
             program.save(staged)

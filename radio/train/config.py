@@ -713,7 +713,8 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
 def load_config(path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
     """Read a TOML file over ``base`` (default: the embedded defaults)."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        problem = "is not a file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"config file {str(path)!r} {problem}")
     with open(path, "rb") as f:
         try:
             data = tomllib.load(f)

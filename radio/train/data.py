@@ -120,9 +120,13 @@ class ImageSource:
     @classmethod
     def from_config(cls, image_dir: str | None, min_image_side: int = 1) -> ImageSource:
         """The bundled images (``image_dir=None``) or the images under ``image_dir``, checked to hold
-        at least one usable image (``check_usable``), so a bad folder fails before a run starts."""
+        at least one usable image (``check_usable``: decodes, short side >= ``data.min_image_side``),
+        so a bad folder fails before a run starts."""
         if image_dir is None:
-            return cls(BUNDLED_IMAGES, bundled=True)
+            source = cls(BUNDLED_IMAGES, bundled=True)
+            if min_image_side > 1:  # the bundled images all decode; only their size can be too small
+                source.check_usable(min_image_side, what="the bundled images (data.image_dir = none)")
+            return source
         source = cls(find_images(image_dir), bundled=False)
         source.check_usable(min_image_side, what=f"data.image_dir {str(image_dir)!r}")
         return source
