@@ -193,7 +193,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         shards = expand_shards(cfg.data.shards)
         held_images, held_keys = held_out_images(shards, cfg.data.holdout, cfg.data.min_image_side)
     else:
-        source = ImageSource.from_config(cfg.data.image_dir)
+        source = ImageSource.from_config(cfg.data.image_dir, cfg.data.min_image_side)
         train_images, held_images = split_holdout(source, cfg.data.holdout)
 
     # ---------------------------------------------------------------- run directory and resume point
