@@ -7,6 +7,7 @@ kernels are compiled for it and the same tests check the real thing).
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -30,3 +31,12 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,14 +8,7 @@ import torch
 from bench.experiments import featsharp
 from bench.experiments.featsharp import seam_deviation_ratio, seam_jump_ratio
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def test_seam_measures_see_stitched_discontinuities():

@@ -23,14 +23,7 @@ from radio.teachers.featsharp.training import (
     train_featsharp,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _inputs(b, n, f, c, seed=0, dtype=torch.float32):

@@ -10,14 +10,7 @@ from radio.train.config import FEATSHARP_SIGLIP2, apply_overrides
 from radio.train.plots import read_metrics
 from radio.train.teaching import build_teachers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and much faster on shared, busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
