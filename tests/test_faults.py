@@ -134,8 +134,8 @@ def test_a_teacher_with_non_finite_output_is_named(tmp_path, monkeypatch):
 
     real = step_module.run_teacher
 
-    def broken(teacher, images, plan):
-        out = real(teacher, images, plan)
+    def broken(teacher, images, plan, *rest):
+        out = real(teacher, images, plan, *rest)
         if type(teacher).__name__ == "SiglipTeacher":
             out.features[0, 0, 0, 0] = float("inf")
         return out

@@ -132,7 +132,7 @@ def test_skip_leaves_prefix_tokens_untouched_through_windowed_blocks():
     with torch.no_grad():
         model(x)
     hook.remove()
-    assert seen == [((2, 16, 48), dict(num_prefix=0, window_tokens=4))]
+    assert seen == [((2, 16, 48), dict(num_prefix=0, window_tokens=4, cu_seqlens=None))]
 
 
 def test_global_prefix_mode_passes_the_prefix_layout_to_the_kernel():
@@ -144,4 +144,4 @@ def test_global_prefix_mode_passes_the_prefix_layout_to_the_kernel():
     with torch.no_grad():
         model(images(1, 64, 128))
     hook.remove()
-    assert seen == [((1, 10 + 32, 48), dict(num_prefix=10, window_tokens=4))]
+    assert seen == [((1, 10 + 32, 48), dict(num_prefix=10, window_tokens=4, cu_seqlens=None))]

@@ -100,7 +100,8 @@ class Block(nn.Module):
         self, x: torch.Tensor, num_prefix: int = 0, window_tokens: int = 0, cu_seqlens: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``cu_seqlens``: packed sequences that attend only to themselves (``radio_kernels.attention``)."""
-        x = x + self.ls1(self.attn(self.norm1(x), num_prefix, window_tokens, cu_seqlens))
+        attended = self.attn(self.norm1(x), num_prefix=num_prefix, window_tokens=window_tokens, cu_seqlens=cu_seqlens)
+        x = x + self.ls1(attended)
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
