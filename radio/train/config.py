@@ -34,6 +34,7 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TrainConfig",
+    "VitdetTrainConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -72,6 +73,18 @@ class TeacherConfig:
 
 
 @dataclass
+class VitdetTrainConfig:
+    """ViTDet-mode training (radio.train.vitdet_train): a fraction ``prob`` of the micro-batches run the
+    student with windowed attention, window size drawn from ``window_sizes``, prefix tokens handled as
+    ``prefix_mode`` ("replicate": the report's training convention; "global", "skip"). Non-empty
+    ``window_sizes`` also adds windowed inference (``window_sizes[0]``, ``prefix_mode``) to the fidelity."""
+
+    prob: float = 0.0
+    window_sizes: list[int] = field(default_factory=list)
+    prefix_mode: str = "replicate"
+
+
+@dataclass
 class StudentConfig:
     """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields)."""
 
@@ -84,6 +97,7 @@ class StudentConfig:
     # Recompute each block's activations in backward (memory for compute); works with DAMP, whose
     # noise is replayed exactly in the recomputation.
     grad_checkpointing: bool = False
+    vitdet_train: VitdetTrainConfig = field(default_factory=VitdetTrainConfig)
 
 
 @dataclass
@@ -240,6 +254,19 @@ class TrainConfig:
         if self.damp.sigma < 0:
             raise ValueError(f"damp.sigma must be >= 0, got {self.damp.sigma}")
         _check_positive(self.fidelity, "fidelity", ("resolution", "crops_per_image"))
+        v = self.student.vitdet_train
+        if not 0 <= v.prob <= 1:
+            raise ValueError(f"student.vitdet_train.prob must be in [0, 1], got {v.prob}")
+        _check_choice("student.vitdet_train.prefix_mode", v.prefix_mode, ("replicate", "global", "skip"))
+        if any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in v.window_sizes):
+            raise ValueError(f"student.vitdet_train.window_sizes must be positive ints, got {v.window_sizes}")
+        if v.prob > 0 and not v.window_sizes:
+            raise ValueError("student.vitdet_train.prob > 0 needs student.vitdet_train.window_sizes")
+        if v.window_sizes and self.student.model.get("window_size") is not None:
+            raise ValueError(
+                "student.vitdet_train and student.model.window_size exclude each other: a configured window "
+                "makes every resolution a multiple of window * patch; ViTDet-mode training keeps a global student"
+            )
         if not self.enabled_teachers():
             raise ValueError("teachers: at least one teacher must be enabled")
         for name, t in self.teachers.items():
@@ -421,7 +448,8 @@ def valid_keys(cfg: TrainConfig | None = None) -> list[str]:
             for name in cfg.teachers:
                 keys += [f"teachers.{name}.{f.name}" for f in dataclasses.fields(TeacherConfig)]
         elif section.name == "student":
-            keys += ["student.preset", "student.cpe_augmentation"]
+            keys += ["student.preset", "student.cpe_augmentation", "student.grad_checkpointing"]
+            keys += [f"student.vitdet_train.{f.name}" for f in dataclasses.fields(VitdetTrainConfig)]
             keys += [f"student.model.{f}" for f in _radio_config_fields()]
         else:
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
@@ -464,10 +492,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if parts[2] not in _radio_config_fields():
                 raise _bad_key(key, cfg)
             cfg.student.model[parts[2]] = value
+        elif len(parts) == 3 and parts[:2] == ["student", "vitdet_train"]:
+            hints = _section_types(VitdetTrainConfig)
+            if parts[2] not in hints:
+                raise _bad_key(key, cfg)
+            setattr(cfg.student.vitdet_train, parts[2], _coerce(key, value, hints[parts[2]]))
         elif len(parts) == 2 and parts[0] in {f.name for f in dataclasses.fields(TrainConfig)} - {"teachers"}:
             section = getattr(cfg, parts[0])
             hints = _section_types(type(section))
-            if parts[1] not in hints or parts[1] == "model":
+            if parts[1] not in hints or parts[1] in ("model", "vitdet_train"):
                 raise _bad_key(key, cfg)
             setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
         else:

@@ -51,6 +51,7 @@ from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
 from .step import StepModels, micro_step_losses
 from .teaching import build_teachers, plan_all_views, plan_for
+from .vitdet_train import vitdet_window
 
 __all__ = ["load_run_config", "train"]
 
@@ -312,7 +313,12 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         for micro in range(accum):
             batch = next(batches)
             skipped.update(batch.skipped)
-            with parallel.sync(student, raw, last_micro=micro == accum - 1):
+            # ViTDet-mode training: this micro-batch's window (None = global), same on every rank.
+            window = vitdet_window(cfg.student.vitdet_train, cfg.run.seed, batch.micro_step)
+            with (
+                parallel.sync(student, raw, last_micro=micro == accum - 1),
+                raw.windowed(window, cfg.student.vitdet_train.prefix_mode),
+            ):
                 objective, parts = micro_step_losses(
                     batch,
                     models,
@@ -509,14 +515,24 @@ def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: Ima
     initial = copy.deepcopy(raw)
     initial.load_state_dict(load_checkpoint(run_dir / "checkpoints" / INITIAL_WEIGHTS, map_location=device))
     was_training = raw.training
-    scores = measure_fidelity({"before": initial, "after": raw, "ema": ema}, slots, plans, batches, device)
-    raw.train(was_training)
+    models = {"before": initial, "after": raw, "ema": ema}
+    scores = measure_fidelity(models, slots, plans, batches, device)
     report = {
         "resolution": f.resolution,
         "held_out_images": [held_images.name(i) for i in range(len(held_images))],
         "crops": len(batches) * len(held_images),
         "teachers": {name: {label: scores[label][name] for label in ("before", "after", "ema")} for name in slots},
     }
+    v = cfg.student.vitdet_train
+    if v.window_sizes:  # the same crops in windowed inference (radio.train.vitdet_train)
+        window = (v.window_sizes[0], v.prefix_mode)
+        scores = measure_fidelity(models, slots, plans, batches, device, window=window)
+        report["windowed"] = {
+            "window_size": window[0],
+            "prefix_mode": window[1],
+            "teachers": {name: {label: scores[label][name] for label in models} for name in slots},
+        }
+    raw.train(was_training)
     report["improved"] = all(
         t["after"]["spatial"] > t["before"]["spatial"]
         and (t["after"]["summary"] is None or t["after"]["summary"] > t["before"]["summary"])
@@ -532,6 +548,10 @@ def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: Ima
         sa = "-" if a["summary"] is None else f"{a['summary']:.3f}"
         log(f"  {name:<10} {b['spatial']:>15.3f} {a['spatial']:>8.3f} {sb:>15} {sa:>8}")
     log(f"  improved for every teacher: {report['improved']}")
+    if "windowed" in report:
+        w = report["windowed"]
+        log(f"  windowed inference (window {w['window_size']}, prefix {w['prefix_mode']!r}), spatial after:")
+        log("    " + "  ".join(f"{name} {t['after']['spatial']:.3f}" for name, t in w["teachers"].items()))
     return report
 
 
