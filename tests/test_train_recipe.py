@@ -93,3 +93,104 @@ def test_vitdet_training_resumes_exactly_and_reports_windowed_fidelity(tmp_path)
     cb = load_checkpoint(latest_checkpoint(tmp_path / "part"))
     for k in ca["student"]:
         torch.testing.assert_close(cb["student"][k], ca["student"][k], rtol=1e-6, atol=1e-6)
+
+
+def test_rank_mode_sampler_gives_each_group_its_partition_and_batch():
+    from radio.train.data import StepSampler
+
+    def sampler(rank, world, **kw):
+        return StepSampler(20, 4, [32, 48], [64], 0.25, seed=1, start=0, stop=3, rank=rank, world_size=world,
+                           partition_mode="rank", high_batch_size=2, **kw)  # fmt: skip
+
+    one = list(sampler(0, 1))
+    assert [s[0].partition for s in one] == ["low", "high"] * 3  # one process: low then high, every micro-step
+    assert [len(s) for s in one] == [4, 2] * 3
+    # 4 ranks at high_prob 0.25: rank 3 trains high, ranks 0-2 share the low batch ... which must divide
+    with pytest.raises(ValueError, match="data.batch_size=4 must be divisible by the 3"):
+        sampler(0, 4)
+    ranks = [list(sampler(r, 4, high_ranks=2)) for r in range(4)]  # 2 low ranks, 2 high ranks
+    for m in range(3):
+        low = [s for r in (0, 1) for s in ranks[r][m]]
+        high = [s for r in (2, 3) for s in ranks[r][m]]
+        assert {s.partition for s in low} == {"low"} and {s.partition for s in high} == {"high"}
+        assert low + high == one[2 * m] + one[2 * m + 1]  # the same samples as one process, split by group
+    # resuming at micro-step 2 gives the same samples
+    assert list(sampler(0, 1))[4:] == list(
+        StepSampler(20, 4, [32, 48], [64], 0.25, seed=1, start=2, stop=3, partition_mode="rank", high_batch_size=2)
+    )
+
+
+def _rank_cfg(out, steps):
+    cfg = tiny_cfg(out, steps=steps)
+    cfg.data.partition_mode = "rank"
+    cfg.data.batch_size, cfg.data.high_batch_size, cfg.data.high_prob = 2, 1, 0.25
+    cfg.fidelity.enabled = False
+    return cfg
+
+
+def test_rank_mode_resumes_exactly_on_one_process(tmp_path):
+    train(_rank_cfg(tmp_path / "full", 4), progress=False, log=_quiet)
+    train(_rank_cfg(tmp_path / "part", 4), stop_after=2, progress=False, log=_quiet)
+    resumed = load_run_config(tmp_path / "part")
+    resumed.run.out = str(tmp_path / "part")
+    train(resumed, resume=True, progress=False, log=_quiet)
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-6), (ra["step"], k)
+
+
+def test_rank_groups_on_two_gloo_ranks_equal_one_process_alternating(tmp_path):
+    """Rank 0 trains the low partition, rank 1 the high one, in the same steps: the losses, the EMA and the
+    teacher statistics equal one process running both sub-batches in turn (with ViTDet-mode training on)."""
+    import os
+    import subprocess
+
+    from radio.train import save_config
+
+    cfg = _rank_cfg(tmp_path / "single", 3)
+    cfg.optim.accum_steps = 2
+    cfg.student.vitdet_train = VitdetTrainConfig(prob=0.5, window_sizes=[2])
+    save_config(cfg, tmp_path / "cfg.toml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "radio", "train",
+           "--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "ddp"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(cfg, progress=False, log=_quiet)
+
+    from radio.train.plots import read_metrics
+
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [1, 2, 3]
+    for a, b in zip(single, ddp):
+        for key in a:
+            if key.startswith("loss") or key in ("lr", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    sa = load_checkpoint(latest_checkpoint(tmp_path / "single"))
+    sb = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))
+    for k in sa["ema"]:
+        torch.testing.assert_close(sb["ema"][k], sa["ema"][k], rtol=1e-4, atol=1e-5)
+    for name in sa["teachers"]:
+        for part in ("normalizer", "dispersion"):
+            for key, value in (sa["teachers"][name][part] or {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    torch.testing.assert_close(sb["teachers"][name][part][key], value)
+
+
+def test_rank_mode_objective_is_the_partition_weighted_mean(tmp_path):
+    """Step 1 (before any update) on the same samples at three values of p = data.high_prob: the logged
+    loss is (1 - p) L_low + p L_high with L_low, L_high independent of p."""
+    losses = {}
+    for p in (0.2, 0.5, 0.8):
+        cfg = _rank_cfg(tmp_path / f"p{p}", 1)
+        cfg.data.high_prob = p
+        train(cfg, progress=False, log=_quiet)
+        losses[p] = _losses(tmp_path / f"p{p}")[0]["loss"]
+    low = losses[0.2] - 0.2 * (losses[0.8] - losses[0.2]) / 0.6
+    high = low + (losses[0.8] - losses[0.2]) / 0.6
+    assert losses[0.5] == pytest.approx(0.5 * low + 0.5 * high, rel=1e-6)
+    assert abs(high - low) > 1e-3 * abs(low)  # the partitions' losses differ, so p matters

@@ -114,7 +114,13 @@ class DataConfig:
     max_shift: int = 2  # cap on |shift| in patches
     low_resolutions: list[int] = field(default_factory=lambda: [64, 80, 96])
     high_resolutions: list[int] = field(default_factory=lambda: [112, 128])
-    high_prob: float = 0.25  # probability that a micro-step samples the high partition
+    high_prob: float = 0.25  # probability that a micro-step samples the high partition ("rank": its weight)
+    # "step": each micro-step trains one partition (high with probability high_prob). "rank": every
+    # micro-step trains both, batch_size low and high_batch_size high images, the objective weighted
+    # (1 - high_prob, high_prob); rank groups with several processes, in turn on one (radio.train.partitions).
+    partition_mode: str = "step"
+    high_batch_size: int = 2  # "rank" mode: global batch of the high partition per micro-step
+    high_ranks: int = 0  # "rank" mode: ranks training the high partition; 0 = round(world * high_prob)
 
 
 @dataclass
@@ -236,6 +242,16 @@ class TrainConfig:
             raise ValueError("data.low_resolutions and data.high_resolutions are both empty")
         if (d.high_prob > 0 and not d.high_resolutions) or (d.high_prob < 1 and not d.low_resolutions):
             raise ValueError("data.high_prob gives weight to an empty resolution partition")
+        _check_choice("data.partition_mode", d.partition_mode, ("step", "rank"))
+        if d.partition_mode == "rank":
+            _check_positive(d, "data", ("high_batch_size",))
+            if not 0 < d.high_prob < 1:
+                raise ValueError(
+                    f"data.partition_mode='rank' trains both partitions: data.high_prob must be in (0, 1), "
+                    f"got {d.high_prob}"
+                )
+        if d.high_ranks < 0:
+            raise ValueError(f"data.high_ranks must be >= 0, got {d.high_ranks}")
         for r in [*d.low_resolutions, *d.high_resolutions]:
             if not isinstance(r, int) or r <= 0:
                 raise ValueError(f"data resolutions must be positive ints, got {r!r}")

@@ -47,9 +47,10 @@ from .distributed import DistInfo, all_reduce_sum, setup
 from .fidelity import fidelity_batches, measure_fidelity
 from .guard import NonFiniteError, NonFiniteGuard
 from .parallel import Parallel
+from .partitions import partition_weighting
 from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
-from .step import StepModels, micro_step_losses
+from .step import StepModels, joint_teacher_targets, micro_step_losses
 from .teaching import build_teachers, plan_all_views, plan_for
 from .vitdet_train import vitdet_window
 
@@ -297,8 +298,15 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         stop=stop * accum,
         rank=info.rank,
         world_size=info.world_size,
+        partition_mode=d.partition_mode,
+        high_batch_size=d.high_batch_size,
+        high_ranks=d.high_ranks,
     )
     batches = iter(make_loader(dataset, sampler, d.num_workers))
+    patch = raw.patch_size
+
+    def vitdet_key(batch) -> str:  # "rank" mode: the two partitions of a micro-step draw independently
+        return batch.partition if d.partition_mode == "rank" else ""
 
     # ---------------------------------------------------------------- the loop
     if info.is_main:
@@ -311,31 +319,40 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         sigma = damp_sigma(cfg.damp.sigma, cfg.damp.schedule, step, total)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(accum):
-            batch = next(batches)
-            skipped.update(batch.skipped)
-            # ViTDet-mode training: this micro-batch's window (None = global), same on every rank.
-            window = vitdet_window(cfg.student.vitdet_train, cfg.run.seed, batch.micro_step)
-            with (
-                parallel.sync(student, raw, last_micro=micro == accum - 1),
-                raw.windowed(window, cfg.student.vitdet_train.prefix_mode),
-            ):
-                objective, parts = micro_step_losses(
-                    batch,
-                    models,
-                    plans[(batch.partition, batch.resolution)],
-                    mesa_weight=cfg.loss.mesa_weight,
-                    backend=cfg.loss.backend,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    sigma=sigma,
-                    damp_generator=generators["damp"],
-                    world_size=info.world_size,
-                    first_micro=micro == 0,
-                    rank=info.rank,
-                )
-                (objective / accum).backward()
-            for k, v in parts.items():
-                totals[k] += v / accum
+            # This rank's sub-batches of the micro-step: one ("step" mode, or a rank group of "rank"
+            # mode), or low then high ("rank" mode on one process; teacher statistics updated jointly).
+            subs = [next(batches) for _ in sampler.partitions]
+            sub_plans = [plans[(b.partition, b.resolution)] for b in subs]
+            shared = (
+                [None] if len(subs) == 1 else joint_teacher_targets(subs, slots, sub_plans, patch, device, micro == 0)
+            )
+            for k, batch in enumerate(subs):
+                skipped.update(batch.skipped)
+                # ViTDet-mode training: this micro-batch's window (None = global), same on every rank.
+                window = vitdet_window(cfg.student.vitdet_train, cfg.run.seed, batch.micro_step, vitdet_key(batch))
+                with (
+                    parallel.sync(student, raw, last_micro=micro == accum - 1 and k == len(subs) - 1),
+                    raw.windowed(window, cfg.student.vitdet_train.prefix_mode),
+                ):
+                    objective, parts = micro_step_losses(
+                        batch,
+                        models,
+                        sub_plans[k],
+                        mesa_weight=cfg.loss.mesa_weight,
+                        backend=cfg.loss.backend,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        sigma=sigma,
+                        damp_generator=generators["damp"],
+                        world_size=info.world_size,
+                        first_micro=micro == 0,
+                        rank=info.rank,
+                        targets=shared[k],
+                        **partition_weighting(d.partition_mode, batch.partition, d.high_prob),
+                    )
+                    (objective / accum).backward()
+                for name, v in parts.items():
+                    totals[name] += v / accum
         lr = scheduler.get_last_lr()[0]
         done = step + 1
         grad_norm = parallel.grad_norm(clip_gradients(raw, cfg.optim.grad_clip))
@@ -396,7 +413,8 @@ def _log_record(metrics_file, done, lr, totals, grad_norm, sigma, batch, step_ti
     """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN)."""
     keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
     values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
-    images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
+    images = d.batch_size + (d.high_batch_size if d.partition_mode == "rank" else 0)
+    images_per_s = accum * images / max(time.perf_counter() - step_time, 1e-9)
     record = {"step": done, "lr": lr, **dict(zip(keys, values))}
     record |= {
         "grad_norm": float(grad_norm),
