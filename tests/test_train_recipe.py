@@ -194,3 +194,19 @@ def test_rank_mode_objective_is_the_partition_weighted_mean(tmp_path):
     high = low + (losses[0.8] - losses[0.2]) / 0.6
     assert losses[0.5] == pytest.approx(0.5 * low + 0.5 * high, rel=1e-6)
     assert abs(high - low) > 1e-3 * abs(low)  # the partitions' losses differ, so p matters
+
+
+def test_c_radiov4_preset_is_the_recipe():
+    from radio.model import RadioConfig
+    from radio.train.config import DAMP_SIGMA
+
+    cfg = TrainConfig.preset("c-radiov4")
+    model = RadioConfig.preset(cfg.student.preset, **cfg.student.model)
+    assert model.final_norm is False and model.window_size is None  # as released; windows only in training
+    assert cfg.damp.sigma == DAMP_SIGMA > 0
+    v = cfg.student.vitdet_train
+    assert v.prob > 0 and v.prefix_mode == "replicate" and v.window_sizes == [8, 16]
+    assert cfg.data.partition_mode == "rank" and 0 < cfg.data.high_batch_size < cfg.data.batch_size
+    assert (cfg.optim.warmup_steps, cfg.loss.ema_decay, cfg.data.high_prob) == (5000, 0.9996, 0.25)
+    # every resolution of both partitions is a multiple of the (global) student's step: trainable
+    assert all(r % model.patch_size == 0 for r in cfg.data.low_resolutions + cfg.data.high_resolutions)

@@ -47,6 +47,7 @@ __all__ = [
 TEACHER_KINDS = ("siglip2", "dinov3", "sam3")
 HIGH_RES_MODES = ("auto", "plain", "tile", "mosaic", "resize")
 DTYPES = ("float32", "bfloat16", "float16")
+DAMP_SIGMA = 0.1  # the c-radiov4 preset's damp.sigma (see _c_radiov4)
 
 
 @dataclass
@@ -309,9 +310,19 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 def _c_radiov4() -> TrainConfig:
-    """Real-scale recipe (METHOD.md §4): SO400M student, real teachers, 128..1152 px."""
+    """Real-scale recipe (METHOD.md §4): SO400M student, real teachers, 128..1152 px.
+
+    README "The recipe" lists every value with its source (report, official code, or project choice).
+    """
     cfg = TrainConfig()
-    cfg.student = StudentConfig(preset="so400m")
+    # No final LayerNorm: the released C-RADIO models have none (their timm norm is an identity).
+    # ViTDet-mode training as an augmentation, prefix tokens replicated per window (report); windows of
+    # 8 (the report's timing) and 16 (RADIOv2.5's ViTDet evaluation); the fraction is ours.
+    cfg.student = StudentConfig(
+        preset="so400m",
+        model={"final_norm": False},
+        vitdet_train=VitdetTrainConfig(prob=0.25, window_sizes=[8, 16], prefix_mode="replicate"),
+    )
     cfg.teachers = {
         # head="attn": the v4 spatial head (2 transformer blocks, then MLP2; METHOD.md §2).
         "siglip2": TeacherConfig(
@@ -333,9 +344,16 @@ def _c_radiov4() -> TrainConfig:
         low_resolutions=[128, 192, 224, 256, 384, 432],
         high_resolutions=[512, 768, 1024, 1152],
         high_prob=0.25,
+        # Both partitions in every step, on rank groups (RADIOv2.5 onward). 32 high-resolution images
+        # against 1024 low ones give the two groups about the same tokens per rank (ours).
+        partition_mode="rank",
+        high_batch_size=32,
     )
     cfg.optim = OptimConfig(lr=1e-3, min_lr_ratio=0.0, warmup_steps=5000, grad_clip=1.0)
     cfg.loss = LossConfig(ema_decay=0.9996, phis_refresh_every=100, phis_freeze_after=3000)
+    # No public value of sigma (the official code's DAMP hook is an identity placeholder): ours, from
+    # bench/experiments/damp_robustness.py (README "Experiments").
+    cfg.damp = DampConfig(sigma=DAMP_SIGMA, schedule="cosine")
     cfg.fidelity = FidelityConfig(resolution=432)
     cfg.run = RunConfig(
         steps=600_000, out="runs/c-radiov4", log_every=10, checkpoint_every=2000, keep_last=3, threads=0
