@@ -128,7 +128,9 @@ def _rank_cfg(out, steps):
     return cfg
 
 
-def test_rank_mode_resumes_exactly_on_one_process(tmp_path):
+def test_rank_mode_resumes_exactly_and_weights_the_partitions(tmp_path):
+    """One process: a stopped rank-mode run resumes exactly; and step 1 (before any update, the same
+    samples at every p = data.high_prob) logs (1 - p) L_low + p L_high with L_low, L_high independent of p."""
     train(_rank_cfg(tmp_path / "full", 4), progress=False, log=_quiet)
     train(_rank_cfg(tmp_path / "part", 4), stop_after=2, progress=False, log=_quiet)
     resumed = load_run_config(tmp_path / "part")
@@ -139,6 +141,17 @@ def test_rank_mode_resumes_exactly_on_one_process(tmp_path):
     for ra, rb in zip(a, b):
         for k in ra:
             assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-6), (ra["step"], k)
+
+    losses = {0.25: a[0]["loss"]}
+    for p in (0.5, 0.75):
+        cfg = _rank_cfg(tmp_path / f"p{p}", 1)
+        cfg.data.high_prob = p
+        train(cfg, progress=False, log=_quiet)
+        losses[p] = _losses(tmp_path / f"p{p}")[0]["loss"]
+    slope = (losses[0.75] - losses[0.25]) / 0.5  # L_high - L_low
+    low = losses[0.25] - 0.25 * slope
+    assert losses[0.5] == pytest.approx(low + 0.5 * slope, rel=1e-6)
+    assert abs(slope) > 1e-3 * abs(low)  # the partitions' losses differ, so p matters
 
 
 def test_rank_groups_on_two_gloo_ranks_equal_one_process_alternating(tmp_path):
@@ -179,21 +192,6 @@ def test_rank_groups_on_two_gloo_ranks_equal_one_process_alternating(tmp_path):
             for key, value in (sa["teachers"][name][part] or {}).items():
                 if torch.is_tensor(value) and value.is_floating_point():
                     torch.testing.assert_close(sb["teachers"][name][part][key], value)
-
-
-def test_rank_mode_objective_is_the_partition_weighted_mean(tmp_path):
-    """Step 1 (before any update) on the same samples at three values of p = data.high_prob: the logged
-    loss is (1 - p) L_low + p L_high with L_low, L_high independent of p."""
-    losses = {}
-    for p in (0.2, 0.5, 0.8):
-        cfg = _rank_cfg(tmp_path / f"p{p}", 1)
-        cfg.data.high_prob = p
-        train(cfg, progress=False, log=_quiet)
-        losses[p] = _losses(tmp_path / f"p{p}")[0]["loss"]
-    low = losses[0.2] - 0.2 * (losses[0.8] - losses[0.2]) / 0.6
-    high = low + (losses[0.8] - losses[0.2]) / 0.6
-    assert losses[0.5] == pytest.approx(0.5 * low + 0.5 * high, rel=1e-6)
-    assert abs(high - low) > 1e-3 * abs(low)  # the partitions' losses differ, so p matters
 
 
 def test_c_radiov4_preset_is_the_recipe():
