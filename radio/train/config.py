@@ -78,7 +78,9 @@ class VitdetTrainConfig:
     """ViTDet-mode training (radio.train.vitdet_train): a fraction ``prob`` of the micro-batches run the
     student with windowed attention, window size drawn from ``window_sizes``, prefix tokens handled as
     ``prefix_mode`` ("replicate": the report's training convention; "global", "skip"). Non-empty
-    ``window_sizes`` also adds windowed inference (``window_sizes[0]``, ``prefix_mode``) to the fidelity."""
+    ``window_sizes`` also adds windowed inference (``window_sizes[0]``, ``prefix_mode``) to the fidelity.
+    Meant for a global student (no ``student.model.window_size``, so any multiple of the patch trains);
+    with a configured window the other micro-batches run that window."""
 
     prob: float = 0.0
     window_sizes: list[int] = field(default_factory=list)
@@ -279,11 +281,6 @@ class TrainConfig:
             raise ValueError(f"student.vitdet_train.window_sizes must be positive ints, got {v.window_sizes}")
         if v.prob > 0 and not v.window_sizes:
             raise ValueError("student.vitdet_train.prob > 0 needs student.vitdet_train.window_sizes")
-        if v.window_sizes and self.student.model.get("window_size") is not None:
-            raise ValueError(
-                "student.vitdet_train and student.model.window_size exclude each other: a configured window "
-                "makes every resolution a multiple of window * patch; ViTDet-mode training keeps a global student"
-            )
         if not self.enabled_teachers():
             raise ValueError("teachers: at least one teacher must be enabled")
         for name, t in self.teachers.items():
