@@ -145,3 +145,80 @@ def test_global_prefix_mode_passes_the_prefix_layout_to_the_kernel():
         model(images(1, 64, 128))
     hook.remove()
     assert seen == [((1, 10 + 32, 48), dict(num_prefix=10, window_tokens=4, cu_seqlens=None))]
+
+
+def padded_reference(model, x, ws, mode):
+    """``model.windowed(ws, mode)`` written out: windowed blocks see the grid zero-padded at the bottom and
+    right to a multiple of ws (padding kept across consecutive windowed blocks), global blocks the grid."""
+    cfg = model.config.replace(window_size=ws)
+    P = cfg.num_prefix_tokens
+    tokens, (h, w) = model._embed(x, None)
+    B, _, D = tokens.shape
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    prefix, grid = tokens[:, :P], tokens[:, P:].reshape(B, h, w, D)
+    windows = [(r, c) for r in range(0, hp, ws) for c in range(0, wp, ws)]
+    padded, copies = None, None
+    for i, block in enumerate(model.blocks):
+        if not cfg.windowed_blocks()[i]:
+            if padded is not None:
+                grid, padded = padded[:, :h, :w], None
+            if copies is not None:
+                prefix, copies = torch.stack(copies).mean(0), None
+            out = block(torch.cat([prefix, grid.reshape(B, h * w, D)], 1))
+            prefix, grid = out[:, :P], out[:, P:].reshape(B, h, w, D)
+            continue
+        if padded is None:
+            padded = grid.new_zeros(B, hp, wp, D)
+            padded[:, :h, :w] = grid
+        if mode == "global":
+            out = masked_block(
+                block, torch.cat([prefix, padded.reshape(B, hp * wp, D)], 1), spatial_window_mask(P, hp, wp, ws)
+            )
+            prefix, padded = out[:, :P], out[:, P:].reshape(B, hp, wp, D)
+            continue
+        padded = padded.clone()
+        if mode == "replicate" and copies is None:
+            copies = [prefix] * len(windows)
+        for n, (r, c) in enumerate(windows):
+            win = padded[:, r : r + ws, c : c + ws].reshape(B, ws * ws, D)
+            if mode == "skip":
+                win = block(win)
+            else:
+                out = block(torch.cat([copies[n], win], 1))
+                copies[n], win = out[:, :P], out[:, P:]
+            padded[:, r : r + ws, c : c + ws] = win.reshape(B, ws, ws, D)
+    if padded is not None:
+        grid = padded[:, :h, :w]
+    if copies is not None:
+        prefix = torch.stack(copies).mean(0)
+    return model.norm(torch.cat([prefix, grid.reshape(B, h * w, D)], 1))
+
+
+@pytest.mark.parametrize("mode", ["skip", "global", "replicate"])
+@pytest.mark.parametrize("global_blocks", [None, [3]])
+def test_windowed_context_pads_a_grid_that_is_not_a_window_multiple(mode, global_blocks):
+    model = make_model(global_blocks=global_blocks)  # configured without windows: any multiple of the patch
+    x = images(2, 80, 112)  # 5 x 7 tokens: windows of 3 pad it to 6 x 9
+    with torch.no_grad(), model.windowed(3, mode):
+        got, _ = model.forward_features(x)
+        ref = padded_reference(model, x, 3, mode)
+        inter = model.forward_intermediates(x, indices=[3], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert inter[0].shape == (2, 5 * 7, 48)
+    with torch.no_grad():  # the context restores global attention
+        assert not torch.allclose(model.forward_features(x)[0], got, atol=1e-3)
+        assert model._window_override is None
+
+
+@pytest.mark.parametrize("mode", ["skip", "global", "replicate"])
+def test_windowed_context_equals_the_configured_windowed_model_on_window_multiples(mode):
+    configured = make_model(window_size=2, vitdet_prefix=mode)
+    plain = make_model()
+    plain.load_state_dict(configured.state_dict())
+    x = images(2, 64, 96)
+    with torch.no_grad(), plain.windowed(2, mode):
+        torch.testing.assert_close(plain(x).features, configured(x).features, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="prefix"), plain.windowed(2, "bogus"):
+        pass
+    with pytest.raises(ValueError, match="window_size"), plain.windowed(0):
+        pass

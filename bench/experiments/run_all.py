@@ -3,6 +3,7 @@
     python -m bench.experiments.run_all [--out DIR] [--smoke] [--threads N]
 
 Writes fixed_pattern.{json,png}, balanced_summary.json, resolution_consistency.{json,png}, featsharp.json,
+vitdet_training.json, damp_robustness.json,
 viz.png (``radio viz`` of the experiment-3 student on a held-out image, with its three tiny
 teachers) and summary.md (the tables below, as markdown). ``--smoke`` runs the seconds-long CI budget.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import balanced_summary, featsharp, fixed_pattern, resolution_consistency
+from . import balanced_summary, damp_robustness, featsharp, fixed_pattern, resolution_consistency, vitdet_training
 from .common import RESULTS_DIR, Stopwatch
 
 VIZ_IMAGE = "chelsea"  # held out from every training run (radio.train.data.BUNDLED_IMAGES)
@@ -45,7 +46,9 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def summary_markdown(fp: dict, bs: dict, rc: dict, fs: dict | None = None) -> str:
+def summary_markdown(
+    fp: dict, bs: dict, rc: dict, fs: dict | None = None, vt: dict | None = None, dr: dict | None = None
+) -> str:
     lines = ["### Fixed-pattern noise (`fixed_pattern.json`)", ""]
     lines += ["| student | noise pattern reproduced | cosine to clean teacher |", "|---|---|---|"]
     for label, arm in (("no shifts", "without_shift"), ("whole-patch shifts", "with_shift")):
@@ -62,6 +65,10 @@ def summary_markdown(fp: dict, bs: dict, rc: dict, fs: dict | None = None) -> st
             lines.append(f"| {name} summary | " + " | ".join(_f(v) for v in t["summary"]["after"]) + " |")
     if fs is not None:
         lines += ["", featsharp.markdown(fs).rstrip("\n")]
+    if vt is not None:
+        lines += ["", vitdet_training.markdown(vt).rstrip("\n")]
+    if dr is not None:
+        lines += ["", damp_robustness.markdown(dr).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = resolution_consistency.run(out, budget(resolution_consistency), keep_run=Path(tmp) / "run")
         visualise(Path(rc["run_dir"]), out / "viz.png")
         fs = featsharp.run(out, budget(featsharp))
-    text = summary_markdown(fp, bs, rc, fs)
+        vt = vitdet_training.run(out, budget(vitdet_training))
+        dr = damp_robustness.run(out, budget(damp_robustness))
+    text = summary_markdown(fp, bs, rc, fs, vt, dr)
     (out / "summary.md").write_text(text)
     print(text)
     print(f"all experiments: {clock.seconds:.0f} s -> {out}")

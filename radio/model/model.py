@@ -23,7 +23,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -32,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adaptors import Adaptor
 from .blocks import Attention, Block, init_vit_weights
-from .config import ATTENTION_BACKENDS, AdaptorSpec, RadioConfig
+from .config import ATTENTION_BACKENDS, VITDET_PREFIX_MODES, AdaptorSpec, RadioConfig
 from .cpe import PositionEmbedding
 from .embed import FeatureNormalizer, InputNormalizer, IntermediateNormalizer, PatchEmbed
 from .vitdet import WindowedRun
@@ -112,6 +113,7 @@ class RadioModel(nn.Module):
             else None
         )
         self._windowed = config.windowed_blocks()
+        self._window_override: tuple[int, str, list[bool]] | None = None  # see windowed()
         self._external_preprocessor = False
         self.grad_checkpointing = False
 
@@ -198,6 +200,30 @@ class RadioModel(nn.Module):
         """Recompute block activations in backward (training only) to save memory."""
         self.grad_checkpointing = bool(enable)
 
+    @contextmanager
+    def windowed(self, window_size: int | None, prefix: str = "replicate") -> Iterator[None]:
+        """Run the blocks in ViTDet mode with ``window_size`` (and ``prefix`` mode) inside the block, at any
+        input size a multiple of ``patch_size``: grids that are not a multiple of the window are padded
+        with zero tokens inside windowed blocks (``radio.model.vitdet``). The schedule of global blocks is
+        the config's (``global_blocks`` / ``num_global``). ``window_size=None``: as configured.
+
+        Used by ViTDet-mode training (``radio.train.vitdet_train``) and windowed fidelity; the configured
+        ``window_size`` (and ``min_resolution_step``) are unchanged.
+        """
+        if window_size is None:
+            yield
+            return
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size <= 0:
+            raise ValueError(f"window_size must be a positive int or None, got {window_size!r}")
+        if prefix not in VITDET_PREFIX_MODES:
+            raise ValueError(f"prefix must be one of {VITDET_PREFIX_MODES}, got {prefix!r}")
+        previous = self._window_override
+        self._window_override = (window_size, prefix, self.config.replace(window_size=window_size).windowed_blocks())
+        try:
+            yield
+        finally:
+            self._window_override = previous
+
     def set_attention_backend(self, backend: str) -> None:
         """Switch every attention call (backbone and attention heads) to ``backend``."""
         if backend not in ATTENTION_BACKENDS:
@@ -277,13 +303,15 @@ class RadioModel(nn.Module):
     ):
         """Run the blocks; return (raster tokens, {block index: raster tokens after it} for ``take``)."""
         cfg = self.config
-        any_windowed = any(self._windowed)
-        run = WindowedRun(grid, cfg.num_prefix_tokens, cfg.window_size if any_windowed else None, cfg.vitdet_prefix)
+        window, prefix, windowed, pad = cfg.window_size, cfg.vitdet_prefix, self._windowed, False
+        if self._window_override is not None:
+            (window, prefix, windowed), pad = self._window_override, True
+        run = WindowedRun(grid, cfg.num_prefix_tokens, window if any(windowed) else None, prefix, pad=pad)
         x = run.enter(x)
         taken = {}
         last = len(self.blocks) - 1 if stop_after is None else stop_after
         for i, block in enumerate(self.blocks[: last + 1]):
-            x = run.to_windowed(x) if self._windowed[i] else run.to_global(x)
+            x = run.to_windowed(x) if windowed[i] else run.to_global(x)
             x = self._run_block(block, x, run.block_kwargs())
             if take is not None and i in take:
                 taken[i] = run.peek(x)

@@ -35,6 +35,7 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TrainConfig",
+    "VitdetTrainConfig",
     "apply_overrides",
     "check_resume_compatible",
     "check_runtime",
@@ -57,6 +58,7 @@ LOSS_BACKENDS = ("auto", "triton", "torch")
 MAX_SEED = 2**32 - 1
 FREEZE_MODES = ("none", "backbone")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+DAMP_SIGMA = 0.1  # the c-radiov4 preset's damp.sigma (see _c_radiov4)
 
 
 @dataclass
@@ -108,6 +110,20 @@ class LoraConfig:
 
 
 @dataclass
+class VitdetTrainConfig:
+    """ViTDet-mode training (radio.train.vitdet_train): a fraction ``prob`` of the micro-batches run the
+    student with windowed attention, window size drawn from ``window_sizes``, prefix tokens handled as
+    ``prefix_mode`` ("replicate": the report's training convention; "global", "skip"). Non-empty
+    ``window_sizes`` also adds windowed inference (``window_sizes[0]``, ``prefix_mode``) to the fidelity.
+    Meant for a global student (no ``student.model.window_size``, so any multiple of the patch trains);
+    with a configured window the other micro-batches run that window."""
+
+    prob: float = 0.0
+    window_sizes: list[int] = field(default_factory=list)
+    prefix_mode: str = "replicate"
+
+
+@dataclass
 class StudentConfig:
     """The student: ``RadioConfig.preset(preset)`` updated with ``model`` (RadioConfig fields), or the
     model in ``init_from`` (radio.train.init_from), then ``freeze`` / ``lora`` (radio.train.adapt)."""
@@ -125,6 +141,7 @@ class StudentConfig:
     init_from: str | None = None
     freeze: str = "none"  # "none" | "backbone" (only the adaptor heads, and LoRA factors, train)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    vitdet_train: VitdetTrainConfig = field(default_factory=VitdetTrainConfig)
 
 
 @dataclass
@@ -146,7 +163,13 @@ class DataConfig:
     max_shift: int = 2  # cap on |shift| in patches
     low_resolutions: list[int] = field(default_factory=lambda: [64, 80, 96])
     high_resolutions: list[int] = field(default_factory=lambda: [112, 128])
-    high_prob: float = 0.25  # probability that a micro-step samples the high partition
+    high_prob: float = 0.25  # probability that a micro-step samples the high partition ("rank": its weight)
+    # "step": each micro-step trains one partition (high with probability high_prob). "rank": every
+    # micro-step trains both, batch_size low and high_batch_size high images, the objective weighted
+    # (1 - high_prob, high_prob); rank groups with several processes, in turn on one (radio.train.partitions).
+    partition_mode: str = "step"
+    high_batch_size: int = 2  # "rank" mode: global batch of the high partition per micro-step
+    high_ranks: int = 0  # "rank" mode: ranks training the high partition; 0 = round(world * high_prob)
 
 
 @dataclass
@@ -285,6 +308,21 @@ class TrainConfig:
             raise ValueError("data.low_resolutions and data.high_resolutions are both empty")
         if (d.high_prob > 0 and not d.high_resolutions) or (d.high_prob < 1 and not d.low_resolutions):
             raise ValueError("data.high_prob gives weight to an empty resolution partition")
+        _check_choice("data.partition_mode", d.partition_mode, ("step", "rank"))
+        if d.partition_mode == "rank":
+            if d.shards is not None:
+                raise ValueError(
+                    "data.partition_mode='rank' is not available with data.shards yet (the shard streams serve one "
+                    "partition per micro-step); use --set data.partition_mode=step"
+                )
+            _check_positive(d, "data", ("high_batch_size",))
+            if not 0 < d.high_prob < 1:
+                raise ValueError(
+                    f"data.partition_mode='rank' trains both partitions: data.high_prob must be in (0, 1), "
+                    f"got {d.high_prob}"
+                )
+        if d.high_ranks < 0:
+            raise ValueError(f"data.high_ranks must be >= 0, got {d.high_ranks}")
         for r in [*d.low_resolutions, *d.high_resolutions]:
             if not isinstance(r, int) or r <= 0:
                 raise ValueError(f"data resolutions must be positive ints, got {r!r}")
@@ -316,6 +354,14 @@ class TrainConfig:
             raise ValueError(
                 f"student.lora.targets must be a non-empty subset of {list(LORA_TARGETS)}, got {lora.targets}"
             )
+        v = self.student.vitdet_train
+        if not 0 <= v.prob <= 1:
+            raise ValueError(f"student.vitdet_train.prob must be in [0, 1], got {v.prob}")
+        _check_choice("student.vitdet_train.prefix_mode", v.prefix_mode, ("replicate", "global", "skip"))
+        if any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in v.window_sizes):
+            raise ValueError(f"student.vitdet_train.window_sizes must be positive ints, got {v.window_sizes}")
+        if v.prob > 0 and not v.window_sizes:
+            raise ValueError("student.vitdet_train.prob > 0 needs student.vitdet_train.window_sizes")
         if not self.enabled_teachers():
             raise ValueError("teachers: at least one teacher must be enabled")
         for name, t in self.teachers.items():
@@ -443,9 +489,19 @@ FEATSHARP_SIGLIP2 = "featsharp/siglip2-g-384-3x"
 
 
 def _c_radiov4() -> TrainConfig:
-    """Real-scale recipe (METHOD.md §4): SO400M student, real teachers, 128..1152 px."""
+    """Real-scale recipe (METHOD.md §4): SO400M student, real teachers, 128..1152 px.
+
+    README "The recipe" lists every value with its source (report, official code, or project choice).
+    """
     cfg = TrainConfig()
-    cfg.student = StudentConfig(preset="so400m")
+    # No final LayerNorm: the released C-RADIO models have none (their timm norm is an identity).
+    # ViTDet-mode training as an augmentation, prefix tokens replicated per window (report); windows of
+    # 8 (the report's timing) and 16 (RADIOv2.5's ViTDet evaluation); the fraction is ours.
+    cfg.student = StudentConfig(
+        preset="so400m",
+        model={"final_norm": False},
+        vitdet_train=VitdetTrainConfig(prob=0.25, window_sizes=[8, 16], prefix_mode="replicate"),
+    )
     cfg.teachers = {
         # head="attn": the v4 spatial head (2 transformer blocks, then MLP2; METHOD.md §2).
         # High partition: FeatSharp 3x (384 -> 1152 px). Expects FEATSHARP_SIGLIP2/featsharp.pt, made by
@@ -476,9 +532,16 @@ def _c_radiov4() -> TrainConfig:
         low_resolutions=[128, 192, 224, 256, 384, 432],
         high_resolutions=[512, 768, 1024, 1152],
         high_prob=0.25,
+        # Both partitions in every step, on rank groups (RADIOv2.5 onward). 32 high-resolution images
+        # against 1024 low ones give the two groups about the same tokens per rank (ours).
+        partition_mode="rank",
+        high_batch_size=32,
     )
     cfg.optim = OptimConfig(lr=1e-3, min_lr_ratio=0.0, warmup_steps=5000, grad_clip=1.0)
     cfg.loss = LossConfig(ema_decay=0.9996, phis_refresh_every=100, phis_freeze_after=3000)
+    # No public value of sigma (the official code's DAMP hook is an identity placeholder): ours, from
+    # bench/experiments/damp_robustness.py (README "Experiments").
+    cfg.damp = DampConfig(sigma=DAMP_SIGMA, schedule="cosine")
     cfg.fidelity = FidelityConfig(resolution=432)
     cfg.run = RunConfig(
         steps=600_000, out="runs/c-radiov4", log_every=10, checkpoint_every=2000, keep_last=3, threads=0
@@ -607,8 +670,10 @@ def valid_keys(cfg: TrainConfig | None = None) -> list[str]:
             for name in cfg.teachers:
                 keys += [f"teachers.{name}.{f.name}" for f in dataclasses.fields(TeacherConfig)]
         elif section.name == "student":
-            keys += ["student.preset", "student.cpe_augmentation", "student.init_from", "student.freeze"]
+            keys += ["student.preset", "student.cpe_augmentation", "student.grad_checkpointing"]
+            keys += ["student.init_from", "student.freeze"]
             keys += [f"student.lora.{f.name}" for f in dataclasses.fields(LoraConfig)]
+            keys += [f"student.vitdet_train.{f.name}" for f in dataclasses.fields(VitdetTrainConfig)]
             keys += [f"student.model.{f}" for f in _radio_config_fields()]
         else:
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
@@ -656,10 +721,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if parts[2] not in hints:
                 raise _bad_key(key, cfg)
             setattr(cfg.student.lora, parts[2], _coerce(key, value, hints[parts[2]]))
+        elif len(parts) == 3 and parts[:2] == ["student", "vitdet_train"]:
+            hints = _section_types(VitdetTrainConfig)
+            if parts[2] not in hints:
+                raise _bad_key(key, cfg)
+            setattr(cfg.student.vitdet_train, parts[2], _coerce(key, value, hints[parts[2]]))
         elif len(parts) == 2 and parts[0] in {f.name for f in dataclasses.fields(TrainConfig)} - {"teachers"}:
             section = getattr(cfg, parts[0])
             hints = _section_types(type(section))
-            if parts[1] not in hints or parts[1] in ("model", "lora"):
+            if parts[1] not in hints or parts[1] in ("model", "lora", "vitdet_train"):
                 raise _bad_key(key, cfg)
             setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
         else:

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..model.cpe import CPE_UNIFORMS
+from .partitions import high_rank_count, rank_partitions
 
 __all__ = [
     "BUNDLED_IMAGES",
@@ -266,6 +267,11 @@ class StepSampler(Sampler):
     Image order: the concatenation of per-epoch permutations of the image list (seeded by epoch);
     global position g = m * batch_size + q. Resolution: per micro-step, the high partition with
     probability ``high_prob``, then a uniform choice within the partition.
+
+    ``partition_mode="rank"`` (radio.train.partitions): micro-step m holds ``batch_size`` low-partition
+    samples (positions q in [0, batch_size)) and ``high_batch_size`` high ones (the next positions),
+    g = m * (batch_size + high_batch_size) + q, one resolution per partition and micro-step. A rank
+    yields its group's share; one process yields the low then the high sub-batch of each micro-step.
     """
 
     def __init__(
@@ -280,9 +286,31 @@ class StepSampler(Sampler):
         stop: int,
         rank: int = 0,
         world_size: int = 1,
+        partition_mode: str = "step",
+        high_batch_size: int = 0,
+        high_ranks: int = 0,
     ):
-        if batch_size % world_size:
-            raise ValueError(f"data.batch_size={batch_size} must be divisible by the world size {world_size}")
+        self.partitions = rank_partitions(partition_mode, world_size, rank, high_prob, high_ranks)
+        self.rank_mode = partition_mode == "rank"
+        self.high_batch_size = high_batch_size if self.rank_mode else 0
+        self.per_micro = batch_size + self.high_batch_size  # images of one micro-step, all ranks
+        # (first global position, size, ranks sharing it, this rank's index among them) per sub-batch
+        if not self.rank_mode:
+            groups = {None: (0, batch_size, world_size, rank)}
+        elif world_size == 1:
+            groups = {"low": (0, batch_size, 1, 0), "high": (batch_size, high_batch_size, 1, 0)}
+        else:
+            h = high_rank_count(world_size, high_prob, high_ranks)
+            low_ranks = world_size - h  # ranks [0, low_ranks) train low, the rest high
+            groups = {
+                "low": (0, batch_size, low_ranks, rank),
+                "high": (batch_size, high_batch_size, h, rank - low_ranks),
+            }
+        for part, (_, size, ranks, _) in groups.items():
+            if part in self.partitions and size % ranks:
+                key = "data.high_batch_size" if part == "high" else "data.batch_size"
+                raise ValueError(f"{key}={size} must be divisible by the {ranks} rank(s) that train it")
+        self._groups = groups
         self.num_images, self.batch_size = num_images, batch_size
         self.low, self.high, self.high_prob = list(low), list(high), high_prob
         self.seed, self.start, self.stop = seed, start, stop
@@ -290,9 +318,14 @@ class StepSampler(Sampler):
         self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) * len(self.partitions)
 
-    def resolution(self, micro_step: int) -> tuple[int, str]:
+    def resolution(self, micro_step: int, partition: str | None = None) -> tuple[int, str]:
+        """(resolution, partition) of a micro-step ("step" mode) or of one of its partitions ("rank")."""
+        if partition is not None:
+            rng = np.random.default_rng([self.seed, micro_step, _TAG_RESOLUTION, 1 if partition == "high" else 2])
+            choices = self.high if partition == "high" else self.low
+            return int(choices[rng.integers(len(choices))]), partition
         rng = np.random.default_rng([self.seed, micro_step, _TAG_RESOLUTION])
         high = rng.random() < self.high_prob
         choices = self.high if high else self.low
@@ -306,17 +339,20 @@ class StepSampler(Sampler):
             }
         return int(self._perms[epoch][i])
 
-    def specs(self, micro_step: int) -> list[SampleSpec]:
-        res, part = self.resolution(micro_step)
-        local = self.batch_size // self.world_size
-        positions = range(self.rank * local, (self.rank + 1) * local)
+    def specs(self, micro_step: int, partition: str | None = None) -> list[SampleSpec]:
+        """This rank's samples of ``micro_step`` (of its sub-batch ``partition`` in "rank" mode)."""
+        res, part = self.resolution(micro_step, partition)
+        first, size, ranks, index = self._groups[partition]
+        local = size // ranks
+        positions = range(first + index * local, first + (index + 1) * local)
         return [
-            SampleSpec(self.image_index(micro_step * self.batch_size + q), res, part, micro_step, q) for q in positions
+            SampleSpec(self.image_index(micro_step * self.per_micro + q), res, part, micro_step, q) for q in positions
         ]
 
     def __iter__(self):
         for m in range(self.start, self.stop):
-            yield self.specs(m)
+            for partition in self.partitions:
+                yield self.specs(m, partition)
 
 
 # ----------------------------------------------------------------------------------------------

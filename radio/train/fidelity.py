@@ -5,11 +5,16 @@ For each teacher t and held-out crop (no shifts; views planned as in training)::
     spatial_t = mean over cells u in Omega of cos(F_{S->t}(adaptor_t features)_u, PHI-S_t(teacher_t)_u)
     summary_t = mean over crops of cos(adaptor_t summary, teacher_t summary)      (teachers with one)
 
+``window=(w, prefix)`` measures the models in windowed (ViTDet) inference instead, through
+``RadioModel.windowed`` (grids padded to the window when needed).
+
 Every model is measured against the same targets (the normaliser is not updated here), so the
 numbers before and after training are directly comparable.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,7 @@ def measure_fidelity(
     plans: dict[str, ViewPlan],
     batches: list[Batch],
     device: torch.device,
+    window: tuple[int, str] | None = None,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """{model label: {teacher: {"spatial": cos, "summary": cos | None}}} averaged over all crops."""
     sums = {m: {t: torch.zeros(4, dtype=torch.float64) for t in slots} for m in models}
@@ -69,7 +75,8 @@ def measure_fidelity(
         targets = teacher_targets(batch, slots, plans, patch, device, update=False)
         x = batch.images(STUDENT, device)
         for label, model in models.items():
-            out = model(x, feature_fmt="NHWC")
+            with model.windowed(*window) if window is not None else nullcontext():
+                out = model(x, feature_fmt="NHWC")
             for name, target in targets.items():
                 feats = to_teacher_grid(out[name].features.float(), target.plan)
                 aligned, mask = aligned_target(target.features, target.shift, feats.shape[1:3])

@@ -47,12 +47,14 @@ from .distributed import DistInfo, all_reduce_sum, setup
 from .fidelity import fidelity_batches, measure_fidelity
 from .guard import NonFiniteError, NonFiniteGuard
 from .parallel import Parallel
+from .partitions import partition_weighting
 from .plots import plot_losses
 from .runlock import RunLock, RunLockedError
-from .step import StepModels, micro_step_losses
+from .step import StepModels, joint_teacher_targets, micro_step_losses
 from .tblog import TensorBoardLog
 from .teaching import build_teachers, plan_all_views, plan_for
 from .timing import StepTimer
+from .vitdet_train import vitdet_window
 
 __all__ = ["load_run_config", "train"]
 
@@ -300,6 +302,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             resumed, held_keys, shards,
         )  # fmt: skip
         batches, streams = iter(loader), loader.state_dict
+        partitions = ("step",)  # data.partition_mode = "step" only (checked by the config)
     else:
         dataset = ViewDataset(
             train_images,
@@ -322,8 +325,16 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             stop=stop * accum,
             rank=info.rank,
             world_size=info.world_size,
+            partition_mode=d.partition_mode,
+            high_batch_size=d.high_batch_size,
+            high_ranks=d.high_ranks,
         )
         batches = iter(make_loader(dataset, sampler, d.num_workers))
+        partitions = sampler.partitions
+    patch = raw.patch_size
+
+    def vitdet_key(batch) -> str:  # "rank" mode: the two partitions of a micro-step draw independently
+        return batch.partition if d.partition_mode == "rank" else ""
 
     # ---------------------------------------------------------------- the loop
     if info.is_main:
@@ -348,29 +359,46 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         sigma = damp_sigma(cfg.damp.sigma, cfg.damp.schedule, step, total)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         for micro in range(accum):
+            # This rank's sub-batches of the micro-step: one ("step" mode, or a rank group of "rank"
+            # mode), or low then high ("rank" mode on one process; teacher statistics updated jointly).
             with timer("data"):
-                batch = next(batches)
-            skipped.update(batch.skipped)
-            with parallel.sync(student, raw, last_micro=micro == accum - 1):
-                objective, parts = micro_step_losses(
-                    batch,
-                    models,
-                    plans[(batch.partition, batch.resolution)],
-                    mesa_weight=cfg.loss.mesa_weight,
-                    backend=cfg.loss.backend,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    sigma=sigma,
-                    damp_generator=generators["damp"],
-                    world_size=info.world_size,
-                    first_micro=micro == 0,
-                    rank=info.rank,
-                    timer=timer,
+                subs = [next(batches) for _ in partitions]
+            sub_plans = [plans[(b.partition, b.resolution)] for b in subs]
+            with timer("teachers"):
+                shared = (
+                    [None]
+                    if len(subs) == 1
+                    else joint_teacher_targets(subs, slots, sub_plans, patch, device, micro == 0)
                 )
-                with timer("student"):
-                    (objective / accum).backward()
-            for k, v in parts.items():
-                totals[k] += v / accum
+            for k, batch in enumerate(subs):
+                skipped.update(batch.skipped)
+                # ViTDet-mode training: this micro-batch's window (None = global), same on every rank.
+                window = vitdet_window(cfg.student.vitdet_train, cfg.run.seed, batch.micro_step, vitdet_key(batch))
+                with (
+                    parallel.sync(student, raw, last_micro=micro == accum - 1 and k == len(subs) - 1),
+                    raw.windowed(window, cfg.student.vitdet_train.prefix_mode),
+                ):
+                    objective, parts = micro_step_losses(
+                        batch,
+                        models,
+                        sub_plans[k],
+                        mesa_weight=cfg.loss.mesa_weight,
+                        backend=cfg.loss.backend,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        sigma=sigma,
+                        damp_generator=generators["damp"],
+                        world_size=info.world_size,
+                        first_micro=micro == 0,
+                        rank=info.rank,
+                        targets=shared[k],
+                        timer=timer,
+                        **partition_weighting(d.partition_mode, batch.partition, d.high_prob),
+                    )
+                    with timer("student"):
+                        (objective / accum).backward()
+                for name, v in parts.items():
+                    totals[name] += v / accum
         lr = scheduler.get_last_lr()[0]
         done = step + 1
         with timer("losses_optimizer"):
@@ -443,7 +471,8 @@ def _log_record(
     seconds per step in data / teachers / student / losses_optimizer (``radio.train.timing``)."""
     keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
     values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
-    images_per_s = accum * d.batch_size / max(time.perf_counter() - step_time, 1e-9)
+    images = d.batch_size + (d.high_batch_size if d.partition_mode == "rank" else 0)
+    images_per_s = accum * images / max(time.perf_counter() - step_time, 1e-9)
     record = {"step": done, "lr": lr, **dict(zip(keys, values))}
     record |= {
         "grad_norm": float(grad_norm),
@@ -569,14 +598,24 @@ def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: Ima
     initial = copy.deepcopy(raw)
     initial.load_state_dict(load_checkpoint(run_dir / "checkpoints" / INITIAL_WEIGHTS, map_location=device))
     was_training = raw.training
-    scores = measure_fidelity({"before": initial, "after": raw, "ema": ema}, slots, plans, batches, device)
-    raw.train(was_training)
+    models = {"before": initial, "after": raw, "ema": ema}
+    scores = measure_fidelity(models, slots, plans, batches, device)
     report = {
         "resolution": f.resolution,
         "held_out_images": [held_images.name(i) for i in range(len(held_images))],
         "crops": len(batches) * len(held_images),
         "teachers": {name: {label: scores[label][name] for label in ("before", "after", "ema")} for name in slots},
     }
+    v = cfg.student.vitdet_train
+    if v.window_sizes:  # the same crops in windowed inference (radio.train.vitdet_train)
+        window = (v.window_sizes[0], v.prefix_mode)
+        scores = measure_fidelity(models, slots, plans, batches, device, window=window)
+        report["windowed"] = {
+            "window_size": window[0],
+            "prefix_mode": window[1],
+            "teachers": {name: {label: scores[label][name] for label in models} for name in slots},
+        }
+    raw.train(was_training)
     report["improved"] = all(
         t["after"]["spatial"] > t["before"]["spatial"]
         and (t["after"]["summary"] is None or t["after"]["summary"] > t["before"]["summary"])
@@ -592,6 +631,10 @@ def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: Ima
         sa = "-" if a["summary"] is None else f"{a['summary']:.3f}"
         log(f"  {name:<10} {b['spatial']:>15.3f} {a['spatial']:>8.3f} {sb:>15} {sa:>8}")
     log(f"  improved for every teacher: {report['improved']}")
+    if "windowed" in report:
+        w = report["windowed"]
+        log(f"  windowed inference (window {w['window_size']}, prefix {w['prefix_mode']!r}), spatial after:")
+        log("    " + "  ".join(f"{name} {t['after']['spatial']:.3f}" for name, t in w["teachers"].items()))
     return report
 
 
