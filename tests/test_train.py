@@ -276,17 +276,27 @@ def test_damp_noise_is_independent_per_rank():
     assert not torch.allclose(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-def test_damp_with_gradient_checkpointing_gives_the_same_gradients():
-    """The recomputed forward replays the same noise (counter-based seeds): gradients equal the plain run's."""
-    model = _model().train()
+@pytest.mark.parametrize("windows", [None, "configured", "vitdet_train"])
+def test_damp_with_gradient_checkpointing_gives_the_same_gradients(windows):
+    """The recomputed forward replays the same noise (counter-based seeds): gradients equal the plain run's,
+    with global attention, a configured ViTDet window, and ViTDet-mode training's padded windows."""
+    from contextlib import nullcontext
+
+    from radio import RadioConfig
+
+    torch.manual_seed(0)
+    model = RadioModel(RadioConfig.preset("tiny", pos_dropout=0.0, window_size=2 if windows == "configured" else None))
+    model.train()
     names = linear_weight_names(model)
-    x, u = torch.rand(2, 3, 32, 32), torch.rand(2, 5)
+    # 3 x 5 tokens: ViTDet-mode training pads them to windows of 2; a configured window needs a multiple
+    x, u = torch.rand(2, 3, *((64, 96) if windows == "configured" else (48, 80))), torch.rand(2, 5)
     grads = []
     for checkpointing in (False, True):
         model.set_grad_checkpointing(checkpointing)
         model.zero_grad()
-        out = damp_forward(model, names, 0.2, torch.Generator().manual_seed(7), x, cpe_uniforms=u)
-        out.features.square().mean().backward()
+        with model.windowed(2, "replicate") if windows == "vitdet_train" else nullcontext():
+            out = damp_forward(model, names, 0.2, torch.Generator().manual_seed(7), x, cpe_uniforms=u)
+            out.features.square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     model.set_grad_checkpointing(False)
     model.zero_grad()
