@@ -1,4 +1,5 @@
-"""Smoke tests of the recipe experiments (ViTDet-mode training, DAMP robustness) and their corruptions."""
+"""Smoke tests of the recipe experiments (ViTDet-mode training, DAMP robustness, SAM3 large views) and their
+corruptions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import torch
 
-from bench.experiments import damp_robustness, vitdet_training
+from bench.experiments import damp_robustness, sam3_views, vitdet_training
 from bench.experiments.trained import CORRUPTIONS, corrupt
 
 
@@ -41,3 +42,15 @@ def test_damp_robustness_smoke(tmp_path):
     for values in saved["mean_spatial"].values():
         assert set(values) == set(CORRUPTIONS) and all(_finite(v) for v in values.values())
     assert "| damp.sigma |" in damp_robustness.markdown(result)
+
+
+def test_sam3_views_smoke_measures_padding_against_the_view_alone(tmp_path):
+    result = sam3_views.run(tmp_path, sam3_views.Budget.smoke(), log=lambda *a: None)
+    saved = json.loads((tmp_path / "sam3_views.json").read_text())
+    view = saved["views"]["6"]
+    assert view["view_px"] == 84 and view["fraction_of_canvas"] == 0.75
+    for mode in ("padded", "resized"):
+        assert all(_finite(view[mode][k]) and view[mode][k] >= 0 for k in ("border", "interior"))
+    # the measure can tell the two apart: resampling features is far from the view run alone
+    assert view["resized"]["border"] > 10 * view["padded"]["border"] and saved["better"] == "padded"
+    assert "| 84 px | 0.75 |" in sam3_views.markdown(result)

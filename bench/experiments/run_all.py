@@ -3,7 +3,7 @@
     python -m bench.experiments.run_all [--out DIR] [--smoke] [--threads N]
 
 Writes fixed_pattern.{json,png}, balanced_summary.json, resolution_consistency.{json,png}, featsharp.json,
-vitdet_training.json, damp_robustness.json,
+vitdet_training.json, damp_robustness.json, sam3_views.json,
 viz.png (``radio viz`` of the experiment-3 student on a held-out image, with its three tiny
 teachers) and summary.md (the tables below, as markdown). ``--smoke`` runs the seconds-long CI budget.
 """
@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from . import balanced_summary, damp_robustness, featsharp, fixed_pattern, resolution_consistency, vitdet_training
+from . import (
+    balanced_summary,
+    damp_robustness,
+    featsharp,
+    fixed_pattern,
+    resolution_consistency,
+    sam3_views,
+    vitdet_training,
+)
 from .common import RESULTS_DIR, Stopwatch
 
 VIZ_IMAGE = "chelsea"  # held out from every training run (radio.train.data.BUNDLED_IMAGES)
@@ -47,7 +55,13 @@ def _f(v) -> str:
 
 
 def summary_markdown(
-    fp: dict, bs: dict, rc: dict, fs: dict | None = None, vt: dict | None = None, dr: dict | None = None
+    fp: dict,
+    bs: dict,
+    rc: dict,
+    fs: dict | None = None,
+    vt: dict | None = None,
+    dr: dict | None = None,
+    sv: dict | None = None,
 ) -> str:
     lines = ["### Fixed-pattern noise (`fixed_pattern.json`)", ""]
     lines += ["| student | noise pattern reproduced | cosine to clean teacher |", "|---|---|---|"]
@@ -69,6 +83,8 @@ def summary_markdown(
         lines += ["", vitdet_training.markdown(vt).rstrip("\n")]
     if dr is not None:
         lines += ["", damp_robustness.markdown(dr).rstrip("\n")]
+    if sv is not None:
+        lines += ["", sam3_views.markdown(sv).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         fs = featsharp.run(out, budget(featsharp))
         vt = vitdet_training.run(out, budget(vitdet_training))
         dr = damp_robustness.run(out, budget(damp_robustness))
-    text = summary_markdown(fp, bs, rc, fs, vt, dr)
+        sv = sam3_views.run(out, budget(sam3_views))
+    text = summary_markdown(fp, bs, rc, fs, vt, dr, sv)
     (out / "summary.md").write_text(text)
     print(text)
     print(f"all experiments: {clock.seconds:.0f} s -> {out}")
