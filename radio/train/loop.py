@@ -9,14 +9,14 @@
         log metrics.jsonl; checkpoint every N steps (atomic, keep last K)
     checkpoint; loss.png; fidelity before/after (held-out crops) -> fidelity.json
 
-A run directory holds config.toml, metrics.jsonl, checkpoints/, loss.png and fidelity.json.
+A run directory holds config.toml, metrics.jsonl, checkpoints/, loss.png and fidelity.json; how
+its parts are written and read back is radio.train.rundir.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -27,29 +27,30 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from radio.finite import nonfinite_entries
 from radio.model import RadioModel
 
 from .align import ViewPlan
 from .build import apply_step, build_optimizer, build_student, clip_gradients, lr_factor, skip_step
-from .checkpoint import (
-    atomic_save,
-    load_checkpoint,
-    load_latest_good,
-    quarantine_after,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
-from .config import TrainConfig, check_resume_compatible, check_runtime, config_to_dict, load_config, save_config
+from .checkpoint import atomic_save, load_checkpoint, quarantine_after
+from .config import TrainConfig, check_resume_compatible, check_runtime, load_config, save_config
 from .damp import damp_sigma, linear_weight_names
 from .data import ImageSource, StepSampler, ViewDataset, make_loader, split_holdout
-from .distributed import DistInfo, all_reduce_sum, setup
+from .distributed import DistInfo, setup
 from .fidelity import fidelity_batches, measure_fidelity
 from .guard import NonFiniteError, NonFiniteGuard
 from .parallel import Parallel
 from .partitions import partition_weighting
 from .plots import plot_losses
-from .runlock import RunLock, RunLockedError
+from .rundir import (
+    fresh_run_dir,
+    last_good_message,
+    lock_run_dir,
+    log_record,
+    resume_point,
+    set_rng_state,
+    truncate_metrics,
+    write_checkpoint,
+)
 from .step import StepModels, joint_teacher_targets, micro_step_losses
 from .tblog import TensorBoardLog
 from .teaching import build_teachers, plan_all_views, plan_for
@@ -69,80 +70,6 @@ def _device(choice: str, info: DistInfo) -> torch.device:
             raise ValueError("run.device='cuda' but no CUDA device is available")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
-
-
-def _fresh_run_dir(out: str, info: DistInfo) -> Path:
-    """``out``, or ``out-1``, ``out-2``, ... when ``out`` already holds a run (never overwrite one)."""
-    path = Path(out)
-    if info.is_main:
-        k = 0
-        while (path / "config.toml").exists() or (path / "checkpoints").exists():
-            k += 1
-            path = Path(f"{out}-{k}")
-        path.mkdir(parents=True, exist_ok=True)
-    if info.enabled:
-        holder = [str(path)]
-        dist.broadcast_object_list(holder, src=0)
-        path = Path(holder[0])
-    return path
-
-
-def _rng_state(generators: dict[str, torch.Generator]) -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _truncate_metrics(path: Path, last_step: int, log=print) -> None:
-    """Drop records logged after the checkpoint we resume from (the run died after logging them),
-    and a partial last line (the run died while writing it)."""
-    if not path.is_file():
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    keep = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                log(f"{path}: dropping a partial last line (the run was interrupted while writing it)")
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON; fix or delete that line to resume") from None
-        if record["step"] <= last_step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-def _lock_run_dir(run_dir: Path, info: DistInfo, log, cleanup: ExitStack) -> RunLock | None:
-    """Rank 0 takes ``run_dir``'s lock (released when the run ends; None on other ranks); every rank
-    fails alike if it cannot."""
-    error, lock = None, None
-    if info.is_main:
-        try:
-            lock = cleanup.enter_context(RunLock(run_dir, log=log))
-        except RunLockedError as err:
-            error = str(err)
-    if info.enabled:
-        holder = [error]
-        dist.broadcast_object_list(holder, src=0)
-        error = holder[0]
-    if error is not None:
-        raise RunLockedError(error)
-    return lock
 
 
 def _quiet(*args) -> None:
@@ -201,8 +128,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     # ---------------------------------------------------------------- run directory and resume point
     if resume:
         run_dir = Path(cfg.run.out)
-        lock = _lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
-        ckpt_path, state = _resume_point(run_dir, info, log)
+        lock = lock_run_dir(run_dir, info, log, cleanup)  # before reading: no second writer of this run
+        ckpt_path, state = resume_point(run_dir, info, log)
         check_resume_compatible(state["config"], cfg)  # same teachers, same student
         saved_parallel = state["config"]["run"].get("parallel", "ddp")
         if saved_parallel != cfg.run.parallel:
@@ -231,9 +158,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             f"min_resolution_step={raw.min_resolution_step}"
         )
     if state is None:  # only now, when the config is known to work, claim a run directory
-        run_dir = _fresh_run_dir(cfg.run.out, info)
+        run_dir = fresh_run_dir(cfg.run.out, info)
         cfg.run.out = str(run_dir)
-        lock = _lock_run_dir(run_dir, info, log, cleanup)
+        lock = lock_run_dir(run_dir, info, log, cleanup)
 
     if state is None and info.is_main:
         save_config(cfg, run_dir / "config.toml")
@@ -264,7 +191,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         rng = state["rng"]
         per_rank = rng["per_rank"] if len(rng["per_rank"]) == info.world_size else None
         if per_rank is not None:
-            _set_rng_state(per_rank[info.rank], generators)
+            set_rng_state(per_rank[info.rank], generators)
         else:
             # The DAMP stream is the same on every rank: continue it from rank 0's; only the
             # per-rank global torch RNG (unused by the recipe's randomness) starts afresh.
@@ -279,7 +206,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         guard.load_state_dict(state.get("guard", {}))
         if info.is_main:
             quarantine_after(run_dir, start, log)
-            _truncate_metrics(run_dir / "metrics.jsonl", start, log)
+            truncate_metrics(run_dir / "metrics.jsonl", start, log)
             # --steps / --set given with --resume change the run: record them, so that the next
             # resume continues the same schedule.
             save_config(cfg, run_dir / "config.toml")
@@ -348,7 +275,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     last_saved = start if state is not None else -1
 
     def checkpoint_at(step_number: int) -> None:  # collective: every rank calls it
-        _checkpoint(
+        write_checkpoint(
             run_dir, step_number, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard,
             parallel, streams,
         )  # fmt: skip
@@ -406,9 +333,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
 
         # ------------------------------------------------------------ the guard: apply only finite steps
         try:
-            applied = guard.check(done, totals, grad_norm, where=_last_good(run_dir, last_saved))
+            applied = guard.check(done, totals, grad_norm, where=last_good_message(run_dir, last_saved))
         except NonFiniteError:
-            record = _log_record(
+            record = log_record(
                 metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard
             )
             if tensorboard is not None:
@@ -424,7 +351,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         # ------------------------------------------------------------ metrics (summed over ranks)
         if done % cfg.run.log_every == 0 or done == stop or not applied:
             times = timer.pop()
-            record = _log_record(
+            record = log_record(
                 metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times
             )
             split = "/".join(f"{record[f'time/{k}']:.2f}" for k in ("data", "teachers", "student", "losses_optimizer"))
@@ -464,82 +391,6 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     return result
 
 
-def _log_record(
-    metrics_file, done, lr, totals, grad_norm, sigma, batch, step_time, accum, d, skipped, guard, times=None
-) -> dict:
-    """One metrics.jsonl record of step ``done`` (loss terms summed over ranks; NaN stays NaN); ``times``:
-    seconds per step in data / teachers / student / losses_optimizer (``radio.train.timing``)."""
-    keys = sorted(k for k in totals if not k.startswith("nonfinite/"))
-    values = all_reduce_sum(torch.stack([totals[k] for k in keys]).double()).tolist()
-    images = d.batch_size + (d.high_batch_size if d.partition_mode == "rank" else 0)
-    images_per_s = accum * images / max(time.perf_counter() - step_time, 1e-9)
-    record = {"step": done, "lr": lr, **dict(zip(keys, values))}
-    record |= {
-        "grad_norm": float(grad_norm),
-        "damp_sigma": sigma,
-        "resolution": batch.resolution,
-        "images_per_s": images_per_s,
-        "skipped_images": len(skipped),
-        "skipped_steps": guard.skipped_steps,
-    }
-    record |= times or {}
-    if not all(math.isfinite(v) for v in values) or not math.isfinite(record["grad_norm"]):
-        record["applied"] = False
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-    return record
-
-
-def _last_good(run_dir: Path, last_saved: int) -> str:
-    if last_saved < 0:
-        return "; no checkpoint had been written yet"
-    return f"; the last good checkpoint is {run_dir}/checkpoints/step_{last_saved:08d}.pt"
-
-
-def _checkpoint(
-    run_dir, step, cfg, raw, ema, optimizer, scheduler, slots, generators, skipped, info, guard, parallel, streams=None
-) -> None:
-    """Gather every rank's RNG state (and shard stream positions: ``streams()``), then write the
-    checkpoint (finite weights only): rank 0 alone (``ddp``), or every rank its shards (``fsdp``).
-    Collective."""
-    rng = _rng_state(generators)
-    per_rank = [rng]
-    positions = streams() if streams is not None else None
-    if info.enabled:
-        per_rank = [None] * info.world_size
-        dist.all_gather_object(per_rank, rng)
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, sorted(skipped))
-        skipped = set().union(*gathered)
-        if positions is not None:
-            parts = [None] * info.world_size
-            dist.all_gather_object(parts, positions)
-            positions = {s: p for part in parts for s, p in part.items()}
-    tensors = parallel.states(raw, ema, optimizer)  # a collective under FSDP
-    meta = {
-        "step": step,
-        "config": config_to_dict(cfg),
-        "model_config": raw.config.to_dict(),
-        "adaptors": [spec.to_dict() for spec in raw.adaptor_specs],
-        "scheduler": scheduler.state_dict(),
-        "teachers": {name: slot.state() for name, slot in slots.items()},
-        "rng": {"per_rank": per_rank},
-        "data": {"skipped": sorted(skipped)} | ({"streams": positions} if positions is not None else {}),
-        "guard": guard.state_dict(),
-    }
-    # Every rank checks its own shards; all refuse together if any found a NaN / Inf.
-    bad = nonfinite_entries({**parallel.local_tensors(tensors), "teachers": meta["teachers"]})
-    if all_reduce_sum(torch.tensor([float(len(bad))], device=parallel.device)).item() > 0:
-        where = ", ".join(bad[:5]) if bad else "tensors of another rank"
-        raise NonFiniteError(f"refusing to write the checkpoint of step {step}: non-finite values in {where}")
-    if parallel.sharded:
-        barrier = dist.barrier if info.enabled else (lambda: None)
-        save_sharded_checkpoint(run_dir, step, tensors, meta, cfg.run.keep_last, info.is_main, barrier)
-    elif info.is_main:
-        save_checkpoint(run_dir, step, {**meta, **tensors}, cfg.run.keep_last)
-
-
 def _plain_models(parallel: Parallel, raw, ema):
     """(student, EMA) that rank 0 can run alone: themselves, or unsharded copies under multi-rank FSDP."""
     if not (parallel.sharded and parallel.info.enabled):
@@ -554,26 +405,6 @@ def _plain_models(parallel: Parallel, raw, ema):
         plain.load_state_dict(state)
         copies.append(plain.train(module.training))
     return tuple(copies)
-
-
-def _resume_point(run_dir: Path, info: DistInfo, log) -> tuple[Path, dict]:
-    """The newest good checkpoint: rank 0 verifies (newer broken ones are reported and skipped) and
-    tells the others which one to load."""
-    found: list = [None]
-    if info.is_main:
-        try:
-            path, state = load_latest_good(run_dir, map_location="cpu", log=log)
-            found = [str(path)]
-        except ValueError as err:  # also CorruptCheckpointError
-            found = [err]
-    if info.enabled:
-        dist.broadcast_object_list(found, src=0)
-    if isinstance(found[0], Exception):
-        raise found[0]
-    if not info.is_main:
-        path = Path(found[0])
-        state = load_checkpoint(path, map_location="cpu", verify=False)
-    return path, state
 
 
 def _fidelity(cfg: TrainConfig, run_dir: Path, raw, ema, slots, held_images: ImageSource, device, log) -> dict:
