@@ -192,7 +192,7 @@ class StepBench:
         total = 1_000_000
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
         raw.train()
-        generators = {"damp": torch.Generator(device).manual_seed(29)}
+        generators = {"damp": torch.Generator().manual_seed(29)}  # on the CPU: DAMP reads its draw on the host
         batch = synthetic_batch(geometry[key], resolution, partition, raw.patch_size, batch_size, device)
         models = StepModels(raw, raw, ema, slots, linear_weight_names(raw))
         return cls(cfg, models, optimizer, scheduler, plans[key], batch, device, amp_dtype, compile_mode, generators)

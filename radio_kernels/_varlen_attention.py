@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _attention_configs as configs
 from . import reference
-from ._attention_kernels import LOG2E, attn_bwd_delta_kernel
+from ._attention_kernels import LOG2E
 from ._backend import device_guard, resolve_backend
 from ._varlen_attention_kernels import (
     attn_varlen_bwd_dkdv_kernel,
@@ -121,21 +121,11 @@ def varlen_forward(q, k, v, cu, bounds: list[int], scale: float):
 
 def varlen_backward(do, q, k, v, out, lse, cu, bounds: list[int], scale: float):
     """(dq, dk, dv), each (B, H, N, D) stored (B, N, H, D); deterministic (no atomics)."""
-    from .attention import _bnhd_empty_like, _empty, _grid, _scaled, _stride_unit, _strides
+    from .attention import backward_setup
 
     B, H, N, D = q.shape
-    es, bd = q.element_size(), configs.block_d_of(D)
-    delta = _empty(tuple(lse.shape), torch.float32, lse.device)
-    tile = configs.pick_tile("delta", D, es)
-    unit = _stride_unit(out, do)
-    attn_bwd_delta_kernel[_grid(N, tile.block_m, B * H)](
-        out, do, delta, *_scaled(_strides(out), unit), *_scaled(_strides(do), unit), H, N,
-        HEAD_D=D, BLOCK_D=bd, BLOCK_M=tile.block_m, STRIDE_UNIT=unit, num_warps=tile.num_warps,
-    )  # fmt: skip
-    dq, dk, dv = _bnhd_empty_like(q), _bnhd_empty_like(q), _bnhd_empty_like(q)
-    unit = _stride_unit(q, k, v, do, dq)
-    strides = [x for t in (q, k, v, do, dq) for x in _scaled(_strides(t), unit)]
-    common = dict(HEAD_D=D, BLOCK_D=bd, STRIDE_UNIT=unit)
+    es = q.element_size()
+    delta, (dq, dk, dv), strides, common = backward_setup(do, q, k, v, out, lse)
     # dK, dV: rows are keys (the kernel's BLOCK_N), columns queries (BLOCK_M).
     tile = varlen_tile(configs.active_table(), "dkdv", D, es)
     seqs, rows = tile_table(bounds, tile.block_m, q.device)

@@ -238,22 +238,30 @@ def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: int, scale: float):
-    """Gradients (dq, dk, dv), each (B, H, N, D) stored (B, N, H, D); deterministic (no atomics)."""
+def backward_setup(do, q, k, v, out, lse):
+    """What every backward launch plan shares: delta = rowsum(dO * O) (one kernel), the gradient
+    buffers (dq, dk, dv) stored (B, N, H, D), the strides of (q, k, v, do, dq) in the kernels' unit,
+    and the constexprs (HEAD_D, BLOCK_D, STRIDE_UNIT)."""
     B, H, N, D = q.shape
-    es, bd = q.element_size(), configs.block_d_of(D)
+    bd = configs.block_d_of(D)
     delta = _empty(tuple(lse.shape), torch.float32, lse.device)
-    tile = configs.pick_tile("delta", D, es)
+    tile = configs.pick_tile("delta", D, q.element_size())
     unit = _stride_unit(out, do)
     attn_bwd_delta_kernel[_grid(N, tile.block_m, B * H)](
         out, do, delta, *_scaled(_strides(out), unit), *_scaled(_strides(do), unit), H, N,
         HEAD_D=D, BLOCK_D=bd, BLOCK_M=tile.block_m, STRIDE_UNIT=unit, num_warps=tile.num_warps,
     )  # fmt: skip
-
     dq, dk, dv = _bnhd_empty_like(q), _bnhd_empty_like(q), _bnhd_empty_like(q)
     unit = _stride_unit(q, k, v, do, dq)
     strides = [x for t in (q, k, v, do, dq) for x in _scaled(_strides(t), unit)]
-    common = dict(HEAD_D=D, BLOCK_D=bd, STRIDE_UNIT=unit)
+    return delta, (dq, dk, dv), strides, dict(HEAD_D=D, BLOCK_D=bd, STRIDE_UNIT=unit)
+
+
+def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: int, scale: float):
+    """Gradients (dq, dk, dv), each (B, H, N, D) stored (B, N, H, D); deterministic (no atomics)."""
+    B, H, N, D = q.shape
+    es = q.element_size()
+    delta, (dq, dk, dv), strides, common = backward_setup(do, q, k, v, out, lse)
     for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
         # dK, dV: rows are keys, columns queries (the kernel's BLOCK_N / BLOCK_M).
         tile = configs.pick_tile("dkdv_prefix" if prefix else "dkdv", D, es, window_tokens)

@@ -289,6 +289,38 @@ def test_train_resume_matches_an_uninterrupted_run(tmp_path):
         train_featsharp(_train_cfg(tmp_path / "c"), resume=True, progress=False)
 
 
+def test_a_diverging_featsharp_run_stops_and_saves_nothing_non_finite(tmp_path, monkeypatch):
+    from radio.cli import main
+    from radio.finite import NonFiniteError
+    from radio.teachers.featsharp import training
+
+    real = training.consistency_loss
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "consistency_loss", diverging)
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 3"):
+        train_featsharp(_train_cfg(tmp_path / "a"), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "a" / "featsharp.pt").exists()
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*.pt")] == ["step_00000002.pt"]
+    calls.clear()  # through the CLI: one line, exit status 1
+    args = ["featsharp", "train", "--factor", "2", "--steps", "4", "--batch-size", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 1
+
+
+def test_a_broken_latest_featsharp_checkpoint_is_skipped_on_resume(tmp_path):
+    train_featsharp(_train_cfg(tmp_path / "a"), stop_after=4, progress=False, log=lambda *_: None)
+    latest = tmp_path / "a" / "checkpoints" / "step_00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    logs = []
+    done = train_featsharp(_train_cfg(tmp_path / "a"), resume=True, progress=False, log=logs.append)
+    assert done["step"] == 4 and any("falling back to step_00000002.pt" in line for line in logs)
+
+
 def test_cli_featsharp_train(tmp_path, capsys):
     from radio.cli import main
 

@@ -8,9 +8,7 @@ world size is bitwise equal.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from radio.train.plots import read_metrics
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_cfg  # noqa: E402
 
+from runs import torchrun_train  # noqa: E402
+
 QUIET = {"progress": False, "log": lambda *a: None}
 
 
@@ -35,15 +35,6 @@ def _cfg(out, parallel):
     cfg.optim.accum_steps = 2  # gradient sync on the last micro-batch only
     cfg.run.parallel = parallel
     return cfg
-
-
-def _torchrun(tmp_path, *args):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "radio", "train", "--no-progress", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def _losses(run):
@@ -60,7 +51,7 @@ def _resume_here(run):
 def test_fsdp_on_two_ranks_trains_like_ddp_and_resumes_at_any_world_size(tmp_path):
     for parallel in ("ddp", "fsdp"):
         save_config(_cfg(tmp_path / parallel, parallel), tmp_path / f"{parallel}.toml")
-        _torchrun(tmp_path, "--config", str(tmp_path / f"{parallel}.toml"), "--out", str(tmp_path / parallel))
+        torchrun_train("--config", str(tmp_path / f"{parallel}.toml"), "--out", str(tmp_path / parallel))
     ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert [s for s, *_ in fsdp] == [1, 2, 3]
     for a, b in zip(ddp, fsdp):
@@ -77,9 +68,9 @@ def test_fsdp_on_two_ranks_trains_like_ddp_and_resumes_at_any_world_size(tmp_pat
 
     # stop after step 2 (as a kill between checkpoints would), then resume: on 2 ranks and on 1 process
     part = tmp_path / "part"
-    _torchrun(tmp_path, "--config", str(tmp_path / "fsdp.toml"), "--out", str(part), "--stop-after", "2")
+    torchrun_train("--config", str(tmp_path / "fsdp.toml"), "--out", str(part), "--stop-after", "2")
     shutil.copytree(part, tmp_path / "part-1")
-    _torchrun(tmp_path, "--resume", str(part))
+    torchrun_train("--resume", str(part))
     assert _losses(part) == fsdp  # same world size: bitwise
     _resume_here(tmp_path / "part-1")  # another world size: DCP reshards
     for a, b in zip(fsdp, _losses(tmp_path / "part-1")):

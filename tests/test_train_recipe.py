@@ -18,6 +18,8 @@ from radio.train.vitdet_train import vitdet_window
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import _losses, tiny_cfg  # noqa: E402
 
+from runs import assert_same_training, torchrun_train  # noqa: E402
+
 
 def _quiet(*args):
     pass
@@ -155,41 +157,15 @@ def test_rank_mode_resumes_exactly_and_weights_the_partitions(tmp_path):
 def test_rank_groups_on_two_gloo_ranks_equal_one_process_alternating(tmp_path):
     """Rank 0 trains the low partition, rank 1 the high one, in the same steps: the losses, the EMA and the
     teacher statistics equal one process running both sub-batches in turn (with ViTDet-mode training on)."""
-    import os
-    import subprocess
-
     from radio.train import save_config
 
     cfg = _rank_cfg(tmp_path / "single", 3)
     cfg.optim.accum_steps = 2
     cfg.student.vitdet_train = VitdetTrainConfig(prob=0.5, window_sizes=[2])
     save_config(cfg, tmp_path / "cfg.toml")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "radio", "train",
-           "--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "ddp"), "--no-progress"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train("--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "ddp"))
     train(cfg, progress=False, log=_quiet)
-
-    from radio.train.plots import read_metrics
-
-    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
-    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
-    assert [r["step"] for r in ddp] == [1, 2, 3]
-    for a, b in zip(single, ddp):
-        for key in a:
-            if key.startswith("loss") or key in ("lr", "grad_norm"):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    sa = load_checkpoint(latest_checkpoint(tmp_path / "single"))
-    sb = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))
-    for k in sa["ema"]:
-        torch.testing.assert_close(sb["ema"][k], sa["ema"][k], rtol=1e-4, atol=1e-5)
-    for name in sa["teachers"]:
-        for part in ("normalizer", "dispersion"):
-            for key, value in (sa["teachers"][name][part] or {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    torch.testing.assert_close(sb["teachers"][name][part][key], value)
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", [1, 2, 3])
 
 
 def test_c_radiov4_preset_is_the_recipe():

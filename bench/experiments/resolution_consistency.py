@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from radio.train import TrainConfig, train
-from radio.train.build import build_student
-from radio.train.checkpoint import latest_checkpoint, load_checkpoint
+from radio.train.checkpoint import load_checkpoint
 from radio.train.data import ImageSource, split_holdout
 from radio.train.fidelity import fidelity_batches, measure_fidelity
 from radio.train.loop import INITIAL_WEIGHTS
-from radio.train.teaching import build_teachers, plan_for
+from radio.train.teaching import plan_for
 
 from .common import RESULTS_DIR, Stopwatch, write_json
+from .trained import load_trained
 
 __all__ = ["Budget", "run", "train_config"]
 
@@ -71,14 +71,8 @@ def train_config(budget: Budget, out: str) -> TrainConfig:
 def measure_all_resolutions(cfg: TrainConfig, run_dir: Path, budget: Budget) -> dict:
     """{(partition, resolution): {model: {teacher: {"spatial", "summary"}}}} on held-out crops."""
     device = torch.device("cpu")
-    state = load_checkpoint(latest_checkpoint(run_dir), map_location="cpu")
-    slots = build_teachers(cfg, device)
-    for name, slot in slots.items():
-        slot.load_state(state["teachers"][name])
-    after = build_student(cfg, slots)
-    after.load_state_dict(state["student"])
-    ema = copy.deepcopy(after)
-    ema.load_state_dict(state["ema"])
+    trained, slots = load_trained(cfg, run_dir)
+    after, ema = trained["after"], trained["ema"]
     before = copy.deepcopy(after)
     before.load_state_dict(load_checkpoint(run_dir / "checkpoints" / INITIAL_WEIGHTS, map_location="cpu"))
     models = {"before": before, "after": after, "ema": ema}

@@ -47,9 +47,10 @@ def train_tiny(out: Path, steps: int, seed: int, batch_size: int = 8, **sections
     return cfg
 
 
-def load_trained(cfg: TrainConfig) -> tuple[dict, dict]:
-    """({"after": student, "ema": EMA}, teacher slots with the run's PHI-S / dispersion state)."""
-    state = load_checkpoint(latest_checkpoint(Path(cfg.run.out)), map_location="cpu")
+def load_trained(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict, dict]:
+    """({"after": student, "ema": EMA}, teacher slots with the run's PHI-S / dispersion state) of the run
+    in ``run_dir`` (default ``cfg.run.out``)."""
+    state = load_checkpoint(latest_checkpoint(Path(run_dir or cfg.run.out)), map_location="cpu")
     slots = build_teachers(cfg, torch.device("cpu"))
     for name, slot in slots.items():
         slot.load_state(state["teachers"][name])

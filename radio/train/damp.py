@@ -145,7 +145,10 @@ def damp_forward(
     if sigma == 0:
         set_damp(layers, 0.0, None)
         return module(*args, **kwargs)
-    gen_device = noise_generator.device if noise_generator is not None else "cpu"
-    draw = int(torch.randint(0, 2**62, (1,), generator=noise_generator, device=gen_device).item())
+    if noise_generator is not None and noise_generator.device.type != "cpu":
+        raise ValueError(
+            "damp_forward: noise_generator must be a CPU generator (its one draw per call is read on the host)"
+        )
+    draw = int(torch.randint(0, 2**62, (1,), generator=noise_generator))
     set_damp(layers, sigma, _mix(draw, rank))
     return module(*args, **kwargs)

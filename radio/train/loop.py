@@ -173,9 +173,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     optimizer = build_optimizer(raw, cfg.optim)
     total = cfg.run.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
-    # Own random streams (saved in checkpoints): DAMP noise, shared by all ranks. The student's CPE
-    # augmentation is not here: it is drawn per sample by the data pipeline (Batch.cpe_uniforms).
-    generators = {"damp": torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + 29)}
+    # Own random streams (saved in checkpoints): the DAMP seed stream, the same on every rank (DAMP mixes
+    # the rank into each draw). The student's CPE augmentation is not here: it is drawn per sample by the
+    # data pipeline (Batch.cpe_uniforms). On the CPU: one seed per micro-batch is read on the host (each
+    # layer then makes its noise on the device); a CUDA draw would stall the launch queue every time.
+    generators = {"damp": torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 29)}
     amp_dtype = _amp_dtype(cfg.run.amp, device)
     accum = cfg.optim.accum_steps
 

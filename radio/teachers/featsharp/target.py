@@ -33,8 +33,10 @@ def _teacher_identity(teacher: Teacher) -> dict:
 
 def save_featsharp(upsampler: FeatSharpUpsampler, teacher: Teacher, path: str | os.PathLike, **extra) -> Path:
     """Write ``upsampler`` (config + weights + the teacher's identity) to ``path`` (a file or a folder)."""
+    from radio.finite import check_finite
     from radio.train.checkpoint import atomic_save
 
+    check_finite(upsampler, f"a FeatSharp upsampler to {str(path)!r}")
     path = Path(path)
     if path.suffix != ".pt":
         path = path / FEATSHARP_FILE

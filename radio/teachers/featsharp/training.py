@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from radio.finite import NonFiniteError, check_finite
+
 from ..base import Teacher
 from ..tiling import _cut_tiles, _resize, _stitch, native_size
 from .target import save_featsharp
@@ -257,18 +259,18 @@ def train_featsharp(
 
 
 def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progress: bool, log, steps) -> dict:
-    from radio.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from radio.train.checkpoint import list_checkpoints, load_latest_good, save_checkpoint
     from radio.train.data import ImageSource, split_holdout
     from radio.train.plots import plot_losses
 
     cfg.validate()
     out = Path(cfg.out)
-    ckpt_path = latest_checkpoint(out)
     state = None
     if resume:
-        if ckpt_path is None:
+        if not list_checkpoints(out):
             raise ValueError(f"--resume: {str(out)!r} holds no FeatSharp checkpoint")
-        state = load_checkpoint(ckpt_path)
+        # The newest checkpoint that verifies and loads (newer broken ones are reported and skipped).
+        _, state = load_latest_good(out, log=log)
         # The folder may have moved since: it is where the caller says.
         cfg = FeatSharpTrainConfig(
             **(state["config"] | {"out": str(out)} | ({} if steps is None else {"steps": steps}))
@@ -276,7 +278,7 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
         cfg.validate()
         if cfg.steps < state["step"]:
             raise ValueError(f"steps={cfg.steps} is below the step {state['step']} the run has reached")
-    elif ckpt_path is not None:
+    elif list_checkpoints(out):
         raise ValueError(f"{str(out)!r} already holds a FeatSharp run: pass --resume, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(
@@ -325,7 +327,7 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
             group["lr"] = lr
         loss = consistency_loss(upsampler, teacher, images, generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"featsharp: non-finite loss at step {step + 1}")
+            raise NonFiniteError(f"featsharp: non-finite loss at step {step + 1}; the step was not applied")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -347,6 +349,7 @@ def _train_featsharp(cfg: FeatSharpTrainConfig, resume: bool, stop_after, progre
                 "generator": generator.get_state(),
                 "loss_ema": loss_ema,
             }
+            check_finite(blob["upsampler"], f"the FeatSharp checkpoint of step {done}")
             save_checkpoint(out, done, blob, cfg.keep_last)
     bar.close()
     plot_losses(metrics, out / "loss.png", title=f"radio featsharp train: {teacher.name}, factor {cfg.factor}")
