@@ -10,9 +10,8 @@ from radio.train import save_config, train
 from radio.train.checkpoint import latest_checkpoint, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from distributed_runs import assert_same_training, torchrun_train  # noqa: E402
 from test_train import tiny_cfg  # noqa: E402
-
-from runs import assert_same_training, torchrun_train  # noqa: E402
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):

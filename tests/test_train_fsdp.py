@@ -21,9 +21,8 @@ from radio.train.checkpoint import list_checkpoints, load_latest_good
 from radio.train.plots import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
+from distributed_runs import torchrun_train  # noqa: E402
 from test_train import tiny_cfg  # noqa: E402
-
-from runs import torchrun_train  # noqa: E402
 
 QUIET = {"progress": False, "log": lambda *a: None}
 

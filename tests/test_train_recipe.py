@@ -16,9 +16,8 @@ from radio.train.config import VitdetTrainConfig, apply_overrides
 from radio.train.vitdet_train import vitdet_window
 
 sys.path.insert(0, str(Path(__file__).parent))
+from distributed_runs import assert_same_training, torchrun_train  # noqa: E402
 from test_train import _losses, tiny_cfg  # noqa: E402
-
-from runs import assert_same_training, torchrun_train  # noqa: E402
 
 
 def _quiet(*args):
