@@ -1,9 +1,11 @@
 """Attention at C-RADIOv4 shapes: our fused Triton kernels against SDPA, FlexAttention and eager math.
 
-Shapes: 16 heads, head dim 64 (ViT-B/L), 72 (SO400M), 80 (H); patch 16 at 512 / 1024 / 1152 /
-2048 px, so N = (px / 16)^2 + 10 prefix tokens; global attention, and windows of w x w = 8, 12,
-16 patches where the grid side is a multiple of w (patch queries see their window + the 10 prefix
-keys, prefix queries see everything). Passes: forward, backward, forward + backward.
+Shapes (GPU default): the problems of the static performance model (``radio_kernels.perf_model``,
+``python -m radio_kernels.audit --plan``): ViT-H/16 (D = 80, 16 heads, B = 16) at 512 / 1024 / 1152 px,
+global and windows of 8 x 8 / 16 x 16 patches, SO400M/16 (D = 72) at 1152 px in windows of 12 x 12,
+ViT-B/16 (D = 64, 12 heads) at 1024 px; N = (px / 16)^2 + 10 prefix tokens (patch queries see their
+window + the 10 prefix keys, prefix queries see everything). ``--full``: head dims 64 / 72 / 80 at 512
+to 2048 px, windows 8 / 12 / 16 (16 heads). Passes: forward, backward, forward + backward.
 
 Providers:
     ours            radio_kernels.attention, backend="triton"
@@ -38,6 +40,7 @@ import torch
 
 from bench import _common
 from radio_kernels import attention, reference
+from radio_kernels.perf_model import PROBLEMS
 
 HEADS, PREFIX, PATCH = 16, 10, 16
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -47,11 +50,9 @@ TOKENS_PER_BATCH = 16384  # batch = max(1, this // N): every shape does a compar
 EAGER_MAX_N = 5200  # explicit N x N scores above this cost seconds and tens of GB
 
 # (px, head dim, window side or 0): the default GPU set, then the full sweep.
-GPU_DEFAULT = [
-    (1024, 64, 0), (1024, 64, 8), (1024, 64, 16),
-    (2048, 64, 0), (2048, 64, 8), (2048, 64, 16),
-    (1024, 80, 0), (1024, 80, 8), (1152, 72, 12),
-]  # fmt: skip
+# The default GPU set is the static model's problems (radio_kernels.perf_model.PROBLEMS: ViT-H/16
+# D = 80 at 512 / 1024 / 1152 px global and windows 8 / 16, SO400M D = 72 window 12, ViT-B D = 64;
+# B = 16), so that one GPU run answers whether the launch plan's numbers hold.
 GPU_FULL = [
     (px, d, w)
     for d in (64, 72, 80)
@@ -374,8 +375,11 @@ def main(argv=None) -> list[dict]:
     started = time.time()
     if cuda:
         dtype, heads, rep_ms = torch.bfloat16, HEADS, 25.0
-        grid = GPU_FULL if a.full else GPU_DEFAULT[:1] if a.quick else GPU_DEFAULT
-        shapes = [shape_of(px, d, w, heads) for px, d, w in grid]
+        if a.full:
+            shapes = [shape_of(px, d, w, heads) for px, d, w in GPU_FULL]
+        else:
+            shapes = [shape_of(p.px, p.head_dim, p.window, p.heads, batch=p.batch) for p in PROBLEMS]
+            shapes = shapes[:1] if a.quick else shapes
         if not a.quick:
             shapes.append(dict(TARGET_SHAPE, heads=heads))
     else:

@@ -218,6 +218,27 @@ _INTERPRET_TILE = {
 INTERPRET_TABLE = {key: _INTERPRET_TILE[key[0]] for key in HOPPER_TABLE}
 
 
+# The windowed backward's per-window kernel (5 products a pair, dQ summed in place by the program
+# owning the window) keeps dK, dV, the window's dQ sums and both head-dim chunks live at once: the
+# tiles ptxas keeps spill-free are small, (keys, query step) = (64, 16) and 16-key tails at 4 warps
+# and 1 stage, for 16-bit inputs and 64 <= D <= 96 (the students' head dims; audited for sm_90).
+# Elsewhere (other GPUs, fp32, other D) the windowed backward runs the dK/dV + dQ launches.
+WINDOW_HEAD_DIMS = range(64, 97)
+WINDOW_TILES = {
+    "hopper": (Tile(64, 16, 4, 1), Tile(16, 16, 4, 1)),
+    "interpret": (Tile(32, 16, 4, 1), Tile(16, 16, 4, 1)),
+}
+
+
+def window_tiles(table, head_dim: int, elem_size: int) -> tuple[Tile, Tile] | None:
+    """(wide, 16-key tail) tiles of the per-window backward kernel on ``table``'s GPU, or None."""
+    if table is INTERPRET_TABLE:
+        return WINDOW_TILES["interpret"]
+    if table is HOPPER_TABLE and elem_size == 2 and head_dim in WINDOW_HEAD_DIMS:
+        return WINDOW_TILES["hopper"]
+    return None
+
+
 def unsupported_capability(major: int, minor: int) -> str | None:
     """None when a device of compute capability ``major.minor`` has a tile table, else the reason."""
     if major < 8:
@@ -283,7 +304,7 @@ def prefix_block(block_n: int) -> int:
 # ----------------------------------------------------------------------------------------
 # static GPU audit: every launch the wrappers in attention.py can make, per architecture
 # ----------------------------------------------------------------------------------------
-AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 128)
+AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128)
 AUDIT_DTYPES = ("fp16", "bf16", "fp32")
 # ``--sample`` (the quick audit of tests/test_audit.py): arch -> (dtype, head dim) whose global
 # fwd / dq / dkdv tiles and delta it compiles; the Hopper ones must use HGMMA, the Ampere ones are
@@ -299,68 +320,108 @@ SAMPLE = {
 
 
 def _variants(launch: str) -> list[tuple[str, str, bool, bool]]:
-    """(label, tile launch, narrow, WINDOWED) of each way attention.py launches ``launch``."""
+    """(label, tile launch, narrow, WINDOWED) of each way attention.py launches ``launch`` (see
+    ``_attention_plan``): wide tiles, global or windowed (64-row "narrow" ones for short windows), and
+    16-row tiles for prefix rows / global tails (not windowed) and window tails (windowed)."""
+    small = launch + "_prefix"
     return [
         ("global", launch, False, False),
         ("windowed", launch, False, True),
         ("windowed-narrow", launch, True, True),
-        ("prefix-rows", launch + "_prefix", False, False),
+        ("rows16", small, False, False),
+        ("windowed-rows16", small, False, True),
     ]
 
 
 def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
-    """One AuditConfig per (arch, launch, head dim, dtype, windowed variant) of the GPU tables.
+    """One AuditConfig per (arch, launch, head dim, dtype, variant) of the GPU tables.
 
     Each entry names the one arch whose table it comes from; the audit merges entries that
     compile to the same binary (e.g. a tile both tables share) and compiles each once per arch.
     Strides are plain i32 arguments scaled by STRIDE_UNIT, as attention.py passes them: 16 when
-    D is a multiple of 16, 8 for D = 72 (its head stride). On sm_90 every 16-bit tile of 64+ rows
-    must use HGMMA (wgmma): without it the Hopper kernels run at mma.sync speed.
+    D is a multiple of 16, 8 otherwise (D = 72: its head stride). On sm_90 every 16-bit tile of 64+
+    rows must use HGMMA (wgmma): without it the Hopper kernels run at mma.sync speed.
     """
-    from ._attention_kernels import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+    from ._attention_kernels import (
+        attn_bwd_delta_kernel,
+        attn_bwd_dkdv_kernel,
+        attn_bwd_dq_kernel,
+        attn_bwd_window_kernel,
+        attn_fwd_kernel,
+        attn_fwd_prefix_combine_kernel,
+    )
+    from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
 
     floats = ("qk_scale", "sm_scale")
     kernels = {"fwd": attn_fwd_kernel, "dq": attn_bwd_dq_kernel, "dkdv": attn_bwd_dkdv_kernel}
+
+    def sig(kernel, ptrs):
+        names = [p.name for p in kernel.params if not p.is_constexpr]
+        return signature_of(kernel, ptrs={n: ptrs[n] for n in names if n in ptrs},
+                            ints=tuple(n for n in names if n not in ptrs and n not in floats),
+                            floats=tuple(n for n in names if n in floats))  # fmt: skip
+
     out = []
     for arch, table in GPU_TABLES.items():
         for dtype in AUDIT_DTYPES:
             es = 4 if dtype == "fp32" else 2
-            ptrs = {name: ("fp32" if name in ("LSE", "DELTA") else dtype) for name in
-                    ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA")}  # fmt: skip
+            fp32 = ("LSE", "DELTA", "PART_ACC", "PART_ML", "DQACC")
+            ptrs = {name: ("fp32" if name in fp32 else dtype) for name in
+                    ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", *fp32)}  # fmt: skip
             for d in AUDIT_HEAD_DIMS:
                 bd, unit = block_d_of(d), 16 if d % 16 == 0 else 8
-                base = dict(HEAD_D=d, BLOCK_D=bd, STRIDE_UNIT=unit)
+                base = dict(**chunk_constexprs(d), BLOCK_S=SMALL, STRIDE_UNIT=unit)
                 sampled = (dtype, d) in SAMPLE[arch]
                 for launch, kernel in kernels.items():
-                    sig = signature_of(
-                        kernel, ptrs={p.name: ptrs[p.name] for p in kernel.params if p.name in ptrs},
-                        ints=tuple(p.name for p in kernel.params if p.name not in ptrs and p.name not in floats),
-                        floats=floats,
-                    )  # fmt: skip
                     # The kernel's rows are BLOCK_M for queries, BLOCK_N for dK/dV's keys.
                     rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
                     for label, tile_launch, narrow, windowed in _variants(launch):
                         tile = table[tile_launch, bd, es, narrow]
-                        block_p = prefix_block(tile.block_n) if windowed else tile.block_n
                         out.append(AuditConfig(
                             kernel=kernel,
                             label=f"{launch} {label} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",
-                            signature=sig,
-                            constexprs={**base, "WINDOWED": windowed, rows: tile.block_m, cols: tile.block_n,
-                                        "BLOCK_P": block_p},
+                            signature=sig(kernel, ptrs),
+                            constexprs={**base, "WINDOWED": windowed, rows: tile.block_m, cols: tile.block_n},
                             num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True,
                             archs=(arch,),
                             expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
                             sample=sampled and label == "global",
                         ))  # fmt: skip
+                # The windowed backward's per-window kernel where the table ships it: the wide key tile
+                # (finishing dQ, or followed by the 16-key tail launch) and the tail (always finishing).
+                tiles = window_tiles(table, d, es)
+                kernel = attn_bwd_window_kernel
+                for label, tile, finish in (
+                    (("wide", 0, False), ("wide", 0, True), ("rows16", 1, True)) if tiles else ()
+                ):
+                    tile = tiles[tile]
+                    out.append(AuditConfig(
+                        kernel=kernel,
+                        label=f"window {label}{' finish' * finish} {dtype} D={d} BLOCK_N={tile.block_m} "
+                              f"BLOCK_M={tile.block_n}",
+                        signature=sig(kernel, ptrs),
+                        constexprs={**base, "FINISH": finish, "BLOCK_N": tile.block_m, "BLOCK_M": tile.block_n},
+                        num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True, archs=(arch,),
+                        expect_wgmma=es == 2 and tile.block_m >= 64,
+                        sample=sampled and label == "wide" and finish,
+                    ))  # fmt: skip
+                tile = table["fwd_prefix", bd, es, False]
+                out.append(AuditConfig(
+                    kernel=attn_fwd_prefix_combine_kernel,
+                    label=f"combine {dtype} D={d} BLOCK_S={SMALL} BLOCK_N={tile.block_n}",
+                    signature=sig(attn_fwd_prefix_combine_kernel, ptrs),
+                    constexprs={**base, "BLOCK_N": tile.block_n}, num_warps=tile.num_warps,
+                    num_stages=tile.num_stages, uses_dot=True, archs=(arch,), sample=sampled and d == 64,
+                ))  # fmt: skip
                 tile = table["delta", bd, es, False]
                 kernel = attn_bwd_delta_kernel
                 out.append(AuditConfig(
                     kernel=kernel, label=f"delta {dtype} D={d} BLOCK_M={tile.block_m}",
                     signature=signature_of(kernel, ptrs={"O": dtype, "DO": dtype, "DELTA": "fp32"},
                                            ints=tuple(p.name for p in kernel.params[3:] if not p.is_constexpr)),
-                    constexprs={**base, "BLOCK_M": tile.block_m}, num_warps=tile.num_warps,
-                    num_stages=tile.num_stages, archs=(arch,), sample=sampled and d == 128,
+                    constexprs={"HEAD_D": d, "BLOCK_D": bd, "STRIDE_UNIT": unit, "BLOCK_M": tile.block_m},
+                    num_warps=tile.num_warps, num_stages=tile.num_stages, archs=(arch,),
+                    sample=sampled and d == 128,
                 ))  # fmt: skip
     return out

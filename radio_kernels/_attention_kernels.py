@@ -12,21 +12,37 @@ Notation (one batch element and head; P = num_prefix, T = window_tokens)::
     dp_ij   = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
     dv_j = sum_i p_ij do_i,  dk_j = scale sum_i ds_ij q_i,  dq_i = scale sum_j ds_ij k_j
 
-Only visible pairs enter the sums. Visibility is symmetric (query i sees key j iff key j's row
-would see query i): with T > 0, i sees j iff i < P or j < P or both lie in one window. So one
-helper, ``_visible_ranges``, gives for a tile of rows (queries in the forward and dQ, keys in dK/dV)
-the blocks of the other side to visit:
+Only visible pairs enter the sums. With T > 0, i sees j iff i < P or j < P or both lie in one
+window; visibility is symmetric, so queries (forward, dQ) and keys (dK/dV) are tiled alike.
 
-    prefix range  [0, P)                               every patch row sees it
-    window range  [P + w_lo T, P + (w_hi + 1) T)       the windows w_lo..w_hi the tile overlaps
+Tiling (the launch plan is ``_attention_plan``; it is also what the static model counts):
 
-Blocks of no other window are never loaded. Rows of the prefix are run in a separate launch that
-visits all N columns (``WINDOWED=False``), with a small BLOCK_M so the long pass costs little.
-Blocks wholly inside a range that serves a single window are visible to every row of the tile and
-run without masks; only a range's last partial block and tiles straddling windows are masked.
+- Rows come in *segments*: the whole sequence (global), or one window of T rows. A program owns
+  BLOCK rows of one segment, never two: segment = pid0 // tiles_per_seg, and its rows start at
+  segment start + seg_offset + (pid0 % tiles_per_seg) * BLOCK. A segment is covered by a main
+  launch of wide tiles and, for its last L mod BLOCK rows, a tail launch of 16-row tiles, so at
+  most 15 rows of a segment are computed and dropped.
+- Columns are walked per range: full BLOCK_C blocks without masks, then the range's last
+  L mod BLOCK_C columns in BLOCK_S (16) wide masked blocks. Windowed rows walk the prefix range
+  [0, P) and their own window; other rows walk [0, N).
+- Head dim D is split into chunks that cover it (``_attention_plan.head_chunks``): D0 = the largest
+  power of two <= D, then D1 >= D - D0 (80 = 64 + 16, 72 = 64 + 8, 96 = 64 + 32). Products that
+  contract over D (q k^T, do v^T) need K >= 16 and read chunk 1 DC1 = max(D1, 16) wide (masked);
+  products whose output is D wide (p v, p^T do, ds^T q, ds k) use D1 exactly. No tile is padded
+  to the next power of two.
+- Windowed forward: the prefix queries, which see all N keys, do not get a pass of their own over
+  K and V. Each window's segment starts with ceil(P / 16) * 16 virtual rows that hold the prefix
+  queries: they ride in the window's first tile, walk its keys with its rows, and their partial
+  state (m, l, acc) over that window goes to an fp32 buffer; one small combine program per
+  (batch, head) adds the prefix keys and merges the window states in window order (deterministic).
 
 The backward is deterministic: dK/dV programs own a key tile and loop over the queries that see
-it, dQ programs own a query tile and loop over keys; nothing is accumulated across programs.
+it, dQ programs own a query tile and loop over keys (recomputing S and dP: 7 products a pair);
+nothing is accumulated across programs. The prefix rows' dQ and the prefix keys' dK/dV are
+global-mode launches of 16-row tiles. Windowed, where the tile table ships its tiles, one program
+owns a whole window (``attn_bwd_window_kernel``): it walks the window's key tiles, and for each
+adds the tile's share of the window's dQ to fp32 rows only it touches (5 products a pair, summed
+in a fixed order, no atomics).
 
 Strides arrive divided by STRIDE_UNIT (the largest power of two <= 16 dividing all of them) and
 are multiplied back by that constexpr: Triton only detects divisibility by 16 of integer arguments,
@@ -45,48 +61,60 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+# ----------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------
 @triton.jit
-def _visible_ranges(row_start, row_end, N, P, T, WINDOWED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Column ranges seen by rows [row_start, row_end) (row_end clipped to N).
-
-    Returns (pre_full, pre_end, win_start, win_full, win_end): blocks in [0, pre_full) and
-    [win_start, win_full) need no mask, [pre_full, pre_end) and [win_full, win_end) do. The prefix
-    range is walked in blocks of BLOCK_P (small: P is ~10), the window range in blocks of BLOCK.
-    Without WINDOWED the rows see all N columns, expressed as the "prefix" range [0, N) in
-    blocks of BLOCK (BLOCK_P is then BLOCK).
-    """
-    if WINDOWED:
-        pre_end = P
-        w_lo = (row_start - P) // T
-        w_hi = (row_end - 1 - P) // T
-        win_start = P + w_lo * T
-        win_end = P + (w_hi + 1) * T
-        # A tile straddling windows masks every block: each of its rows sees only its own window.
-        win_full = tl.where(w_lo == w_hi, win_start + ((win_end - win_start) // BLOCK) * BLOCK, win_start)
-    else:
-        pre_end = N
-        win_start = 0
-        win_full = 0
-        win_end = 0
-    pre_full = (pre_end // BLOCK_P) * BLOCK_P
-    return pre_full, pre_end, win_start, win_full, win_end
-
-
-@triton.jit
-def _load_tile(ptrs, rows, limit, d_mask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a (BLOCK, BLOCK_D) tile, zero outside rows < limit (if MASK_ROWS) and d < HEAD_D."""
-    if MASK_ROWS:
-        if EVEN_D:
-            return tl.load(ptrs, mask=(rows < limit)[:, None], other=0.0)
-        return tl.load(ptrs, mask=(rows < limit)[:, None] & d_mask[None, :], other=0.0)
-    if EVEN_D:
+def _load_rows_where(
+    base, rows, stride, row_ok,
+    OFF: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+):  # fmt: skip
+    """(len(rows), W) tile of head-dim columns [OFF, OFF + W); zero where d >= HEAD_D or, with
+    MASK_ROWS, where not row_ok. ``base`` points at row 0, column 0 of one (batch, head)."""
+    cols = OFF + tl.arange(0, W)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if OFF + W <= HEAD_D:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
         return tl.load(ptrs)
-    return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None] & (cols < HEAD_D)[None, :], other=0.0)
+    return tl.load(ptrs, mask=(cols < HEAD_D)[None, :], other=0.0)
 
 
 @triton.jit
-def _window_of(idx, P, T):
-    return (idx - P) // T
+def _load_rows(
+    base, rows, stride, limit,
+    OFF: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+):  # fmt: skip
+    """``_load_rows_where`` with rows >= limit masked."""
+    return _load_rows_where(base, rows, stride, rows < limit, OFF, W, HEAD_D, MASK_ROWS)
+
+
+@triton.jit
+def _store_rows(base, rows, stride, row_ok, x, OFF: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr):
+    """Store x (len(rows), W) into head-dim columns [OFF, OFF + W) of the rows where row_ok."""
+    cols = OFF + tl.arange(0, W)
+    mask = row_ok[:, None]
+    if OFF + W > HEAD_D:
+        mask = mask & (cols < HEAD_D)[None, :]
+    tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_tile(row_base, seg_len, seg_offset, tiles_per_seg, BLOCK: tl.constexpr):
+    """(segment index, segment start, segment end, first row) of this program's tile."""
+    pid = tl.program_id(0)
+    seg = pid // tiles_per_seg
+    seg_start = row_base + seg * seg_len
+    row_start = seg_start + seg_offset + (pid % tiles_per_seg) * BLOCK
+    return seg, seg_start, seg_start + seg_len, row_start
+
+
+@triton.jit
+def _bh_offsets(H):
+    pid_bh = tl.program_id(1)
+    return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,19 +122,24 @@ def _window_of(idx, P, T):
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_keys(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-    lo, hi, row_win, P, T, qk_scale, offs_n, d_mask,
-    MASKED: tl.constexpr, WINDOW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale, row_sees,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of (acc, l_i, m_i) with the key blocks starting in [lo, hi)."""
+    """Online-softmax update of (acc0, acc1, l_i, m_i) with the key blocks starting in [lo, hi).
+    With ROW_MASK (masked blocks only), rows where ``row_sees`` is false see none of these keys."""
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_kn, cols, hi, d_mask, MASKED, EVEN_D)
-        s = tl.dot(q, tl.trans(k))
+        k0 = _load_rows(K, cols, stride_kn, hi, 0, D0, HEAD_D, MASKED)
+        s = tl.dot(q0, tl.trans(k0))
+        if DC1 > 0:
+            k1 = _load_rows(K, cols, stride_kn, hi, D0, DC1, HEAD_D, MASKED)
+            s = tl.dot(q1, tl.trans(k1), s)
         if MASKED:
             visible = (cols < hi)[None, :]
-            if WINDOW_MASK:
-                visible = visible & (_window_of(cols, P, T)[None, :] == row_win[:, None])
+            if ROW_MASK:
+                visible = visible & row_sees[:, None]
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             # A row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -117,69 +150,163 @@ def _fwd_keys(
         p = tl.math.exp2(s * qk_scale - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * stride_vn, cols, hi, d_mask, MASKED, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        v0 = _load_rows(V, cols, stride_vn, hi, 0, D0, HEAD_D, MASKED)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+        if D1 > 0:
+            v1 = _load_rows(V, cols, stride_vn, hi, D0, D1, HEAD_D, MASKED)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
         m_i = m_new
-    return acc, l_i, m_i
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit
+def _fwd_range(
+    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Keys [lo, hi): full BLOCK_N blocks unmasked, the rest in masked BLOCK_S blocks."""
+    full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, full,
+                                     qk_scale, l_i, False, BLOCK_N, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+    return _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, full, hi,
+                     qk_scale, l_i, True, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+
+
+@triton.jit
+def _fwd_init(rows, Q, stride_qn, row_ok, BLOCK: tl.constexpr,
+              HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr):  # fmt: skip
+    """(q0, q1, acc0, acc1, l, m) of a fresh online softmax over rows ``rows`` (zero where not row_ok)."""
+    q0 = _load_rows_where(Q, rows, stride_qn, row_ok, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        q1 = _load_rows_where(Q, rows, stride_qn, row_ok, D0, DC1, HEAD_D, True)
+    else:
+        q1 = q0  # unused
+    acc0 = tl.zeros([BLOCK, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK, D1 if D1 > 0 else 16], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    return q0, q1, acc0, acc1, l_i, m_i
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, PART_ACC, PART_ML,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N, P, T, q_start, q_end, qk_scale,
-    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    H, N, P, row_base, seg_len, seg_offset, tiles_per_seg, n_seg, qk_scale,
+    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr,
+    D1: tl.constexpr, DC1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """One program: queries [q_start + pid0 * BLOCK_M, ...) < q_end of batch*head pid1."""
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    """One program: queries of one BLOCK_M tile of one segment (see the module docstring) of
+    batch*head pid1.
+
+    WINDOWED: a window's rows are numbered from PS = ceil(P / BLOCK_S) * BLOCK_S (the segment has
+    PS + seg_len virtual rows), and its virtual rows [0, PS) hold the prefix queries 0..P-1. They
+    walk the window's keys with its own rows (the prefix keys are masked for them: the combine
+    kernel adds those once) and their partial state goes to PART_ACC (BH, n_seg, P, HEAD_D) and
+    PART_ML (BH, n_seg, 2, P), fp32.
+    """
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row_start = q_start + tl.program_id(0) * BLOCK_M
-    row_end = tl.minimum(row_start + BLOCK_M, q_end)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, q_end, d_mask, True, EVEN_D)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
-    k_ptrs, v_ptrs = k_base + offs_n[:, None] * stride_kn, v_base + offs_n[:, None] * stride_vn
-    kp_ptrs, vp_ptrs = k_base + offs_p[:, None] * stride_kn, v_base + offs_p[:, None] * stride_vn
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_win = _window_of(offs_m, P, T) if WINDOWED else offs_m
-    pre_full, pre_end, win_start, win_full, win_end = _visible_ranges(
-        row_start, row_end, N, P, T, WINDOWED, BLOCK_P, BLOCK_N
-    )
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, kp_ptrs, vp_ptrs, stride_kn, stride_vn, 0, pre_full,
-                              row_win, P, T, qk_scale, offs_p, d_mask, False, False, EVEN_D, BLOCK_P)  # fmt: skip
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, kp_ptrs, vp_ptrs, stride_kn, stride_vn, pre_full, pre_end,
-                              row_win, P, T, qk_scale, offs_p, d_mask, True, False, EVEN_D, BLOCK_P)  # fmt: skip
+    pid_bh, b, h = _bh_offsets(H)
+    pid = tl.program_id(0)
+    seg = pid // tiles_per_seg
+    seg_start = row_base + seg * seg_len
+    seg_end = seg_start + seg_len
+    vrows = seg_offset + (pid % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within the segment
     if WINDOWED:
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, win_start, win_full,
-                                  row_win, P, T, qk_scale, offs_n, d_mask, False, True, EVEN_D, BLOCK_N)  # fmt: skip
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, win_full, win_end,
-                                  row_win, P, T, qk_scale, offs_n, d_mask, True, True, EVEN_D, BLOCK_N)  # fmt: skip
+        ps = ((P + BLOCK_S - 1) // BLOCK_S) * BLOCK_S
+        is_pre = vrows < ps
+        rows = tl.where(is_pre, vrows, seg_start + vrows - ps)
+        row_ok = tl.where(is_pre, vrows < P, vrows < ps + seg_len)
+    else:
+        is_pre = vrows < 0
+        rows = seg_start + vrows
+        row_ok = vrows < seg_len
+    Qh = Q + b * stride_qb + h * stride_qh
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
 
-    # Rows past q_end saw only zeros or nothing (l = 0); they are not stored.
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, row_ok, BLOCK_M, HEAD_D, D0, D1, DC1)
+    if WINDOWED:
+        # Prefix keys: in masked BLOCK_S blocks; folded prefix rows skip them.
+        for start_n in range(0, P, BLOCK_S):
+            acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn,
+                                             start_n, tl.minimum(start_n + BLOCK_S, P), qk_scale, ~is_pre,
+                                             True, BLOCK_S, True, HEAD_D, D0, D1, DC1)  # fmt: skip
+        acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn,
+                                          seg_start, seg_end, qk_scale, BLOCK_N, BLOCK_S,
+                                          HEAD_D, D0, D1, DC1)  # fmt: skip
+    else:
+        acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, N,
+                                          qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+
+    # Rows past the segment saw only zeros (l > 0, finite); they are not stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    row_ok = offs_m < q_end
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    out_ok = row_ok & ~is_pre
+    Oh = O + b * stride_ob + h * stride_oh
+    _store_rows(Oh, rows, stride_on, out_ok, acc0 / l_safe[:, None], 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(Oh, rows, stride_on, out_ok, acc1 / l_safe[:, None], D0, D1, HEAD_D)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_safe), mask=out_ok)
+    if WINDOWED:
+        pre_ok = row_ok & is_pre
+        part = (pid_bh.to(tl.int64) * n_seg + seg) * P
+        _store_rows(PART_ACC + part * HEAD_D, rows, HEAD_D, pre_ok, acc0, 0, D0, HEAD_D)
+        if D1 > 0:
+            _store_rows(PART_ACC + part * HEAD_D, rows, HEAD_D, pre_ok, acc1, D0, D1, HEAD_D)
+        tl.store(PART_ML + part * 2 + rows, m_i, mask=pre_ok)
+        tl.store(PART_ML + part * 2 + P + rows, l_i, mask=pre_ok)
+
+
+@triton.jit
+def attn_fwd_prefix_combine_kernel(
+    Q, K, V, O, LSE, PART_ACC, PART_ML,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    H, N, P, n_seg, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+):  # fmt: skip
+    """One program: prefix queries [pid0 * BLOCK_S, ...) < P of batch*head pid1. Their softmax over
+    the prefix keys, merged with the n_seg window states of PART_ACC / PART_ML in window order."""
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
+    pid_bh, b, h = _bh_offsets(H)
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    Qh = Q + b * stride_qb + h * stride_qh
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, rows < P, BLOCK_S, HEAD_D, D0, D1, DC1)
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, K + b * stride_kb + h * stride_kh,
+                                      V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, 0, P, qk_scale,
+                                      BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    # Every row < P saw a prefix key, so m_i is finite there; rows >= P read zeros and are not stored.
+    row_ok = rows < P
+    for seg in range(0, n_seg):
+        part = (pid_bh.to(tl.int64) * n_seg + seg) * P
+        m_w = tl.load(PART_ML + part * 2 + rows, mask=row_ok, other=0.0)
+        l_w = tl.load(PART_ML + part * 2 + P + rows, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m_i, m_w)
+        a = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(m_w - m_new)
+        l_i = l_i * a + l_w * w
+        part_acc = PART_ACC + part * HEAD_D
+        acc0 = acc0 * a[:, None] + _load_rows(part_acc, rows, HEAD_D, P, 0, D0, HEAD_D, True) * w[:, None]
+        if D1 > 0:
+            acc1 = acc1 * a[:, None] + _load_rows(part_acc, rows, HEAD_D, P, D0, D1, HEAD_D, True) * w[:, None]
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    Oh = O + b * stride_ob + h * stride_oh
+    _store_rows(Oh, rows, stride_on, rows < P, acc0 / l_safe[:, None], 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(Oh, rows, stride_on, rows < P, acc1 / l_safe[:, None], D0, D1, HEAD_D)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,54 +317,101 @@ def attn_bwd_delta_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
     H, N, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """delta_i = sum_d do_id o_id in float32, stored (B*H, N)."""
+    """delta_i = sum_d do_id o_id in float32, stored (B*H, N). Elementwise: masked columns cost no
+    bytes, so one BLOCK_D >= HEAD_D tile serves."""
     stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
     stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, b, h = _bh_offsets(H)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < HEAD_D)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0
-    )
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, N, 0, BLOCK_D, HEAD_D, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, N, 0, BLOCK_D, HEAD_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
+def _dq_rmw(dq_ptr, rows, row_ok, x, first, OFF: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr):
+    """dq_ptr[rows, OFF:OFF+W] += x (fp32 rows of HEAD_D), or = x when ``first``. Only the program that
+    owns these rows touches them, so no atomics: the sums run in a fixed order."""
+    cols = OFF + tl.arange(0, W)
+    mask = row_ok[:, None]
+    if OFF + W > HEAD_D:
+        mask = mask & (cols < HEAD_D)[None, :]
+    ptrs = dq_ptr + rows[:, None] * HEAD_D + cols[None, :]
+    old = tl.load(ptrs, mask=mask & (first == 0), other=0.0)
+    tl.store(ptrs, old + x, mask=mask)
+
+
+@triton.jit
 def _dkdv_queries(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-    lo, hi, col_win, P, T, qk_scale, offs_m, d_mask,
-    MASKED: tl.constexpr, WINDOW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don, lse_ptr, delta_ptr,
+    lo, hi, qk_scale, dq_ptr, dq_first, k1x,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key tile over the query blocks starting in [lo, hi).
 
-    Works on transposed scores (keys x queries) so dK, dV come out as (BLOCK_N, BLOCK_D).
+    Works on transposed scores (keys x queries) so dK, dV come out as (keys, D chunk). WITH_DQ also
+    adds this key tile's share of dQ (ds k, unscaled) to the fp32 rows of ``dq_ptr`` (``_dq_rmw``);
+    k1x is chunk 1 of the keys at its exact width D1.
     """
+    offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(q_ptrs + start_m * stride_qn, rows, hi, d_mask, MASKED, EVEN_D)
-        do = _load_tile(do_ptrs + start_m * stride_don, rows, hi, d_mask, MASKED, EVEN_D)
+        q0 = _load_rows(Q, rows, stride_qn, hi, 0, D0, HEAD_D, MASKED)
+        do0 = _load_rows(DO, rows, stride_don, hi, 0, D0, HEAD_D, MASKED)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=rows < hi, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=rows < hi, other=0.0)
         else:
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        s_t = tl.dot(k0, tl.trans(q0))
+        dp_t = tl.dot(v0, tl.trans(do0))
+        if DC1 > 0:
+            q1c = _load_rows(Q, rows, stride_qn, hi, D0, DC1, HEAD_D, MASKED)
+            do1c = _load_rows(DO, rows, stride_don, hi, D0, DC1, HEAD_D, MASKED)
+            s_t = tl.dot(k1, tl.trans(q1c), s_t)
+            dp_t = tl.dot(v1, tl.trans(do1c), dp_t)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
-            visible = (rows < hi)[None, :]
-            if WINDOW_MASK:
-                visible = visible & (_window_of(rows, P, T)[None, :] == col_win[:, None])
-            p_t = tl.where(visible, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
-    return dk, dv
+            p_t = tl.where((rows < hi)[None, :], p_t, 0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+        p_t = p_t.to(do0.dtype)
+        dv0 = tl.dot(p_t, do0, dv0)
+        dk0 = tl.dot(ds_t, q0, dk0)
+        if D1 > 0:
+            if D1 == DC1:
+                q1 = q1c
+                do1 = do1c
+            else:  # the 8-wide chunk of D = 8 mod 16: exact for the products it is the output of
+                q1 = _load_rows(Q, rows, stride_qn, hi, D0, D1, HEAD_D, MASKED)
+                do1 = _load_rows(DO, rows, stride_don, hi, D0, D1, HEAD_D, MASKED)
+            dv1 = tl.dot(p_t, do1, dv1)
+            dk1 = tl.dot(ds_t, q1, dk1)
+        if WITH_DQ:
+            ds = tl.trans(ds_t)
+            row_ok = rows < hi
+            _dq_rmw(dq_ptr, rows, row_ok, tl.dot(ds, k0), dq_first, 0, D0, HEAD_D)
+            if D1 > 0:
+                _dq_rmw(dq_ptr, rows, row_ok, tl.dot(ds, k1x), dq_first, D0, D1, HEAD_D)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dkdv_range(
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don, lse_ptr, delta_ptr,
+    lo, hi, qk_scale, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Queries [lo, hi): full BLOCK_M blocks unmasked, the rest in masked BLOCK_S blocks."""
+    full = lo + ((hi - lo) // BLOCK_M) * BLOCK_M
+    dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don,
+                                       lse_ptr, delta_ptr, lo, full, qk_scale, delta_ptr, 0, k1,
+                                       False, BLOCK_M, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+    return _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don,
+                         lse_ptr, delta_ptr, full, hi, qk_scale, delta_ptr, 0, k1,
+                         True, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
 
 
 @triton.jit
@@ -246,89 +420,105 @@ def attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_gb, stride_gh, stride_gn,
-    H, N, P, T, k_start, k_end, qk_scale, sm_scale,
-    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    H, N, P, row_base, seg_len, seg_offset, tiles_per_seg, qk_scale, sm_scale,
+    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """One program: dK, dV of keys [k_start + pid0 * BLOCK_N, ...) < k_end of batch*head pid1.
-
-    DK and DV share the strides (stride_g*) of one output layout.
-    """
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    """One program: dK, dV of one BLOCK_N tile of keys of one segment of batch*head pid1; the inner
+    loop walks queries in BLOCK_M blocks. DK and DV share the strides (stride_g*) of one layout."""
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     stride_gb, stride_gh, stride_gn = stride_gb * STRIDE_UNIT, stride_gh * STRIDE_UNIT, stride_gn * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    col_start = k_start + tl.program_id(0) * BLOCK_N
-    col_end = tl.minimum(col_start + BLOCK_N, k_end)
-    offs_n = col_start + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-
-    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, k_end, d_mask, True, EVEN_D)  # fmt: skip
-    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   offs_n, k_end, d_mask, True, EVEN_D)  # fmt: skip
-    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
-    do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
-    q_ptrs, do_ptrs = q_base + offs_m[:, None] * stride_qn, do_base + offs_m[:, None] * stride_don
-    qp_ptrs, dop_ptrs = q_base + offs_p[:, None] * stride_qn, do_base + offs_p[:, None] * stride_don
+    pid_bh, b, h = _bh_offsets(H)
+    seg, seg_start, seg_end, col_start = _row_tile(row_base, seg_len, seg_offset, tiles_per_seg, BLOCK_N)
+    keys = col_start + tl.arange(0, BLOCK_N)
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    k0 = _load_rows(Kh, keys, stride_kn, seg_end, 0, D0, HEAD_D, True)
+    v0 = _load_rows(Vh, keys, stride_vn, seg_end, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        k1 = _load_rows(Kh, keys, stride_kn, seg_end, D0, DC1, HEAD_D, True)
+        v1 = _load_rows(Vh, keys, stride_vn, seg_end, D0, DC1, HEAD_D, True)
+    else:
+        k1 = k0  # unused
+        v1 = v0
+    Qh = Q + b * stride_qb + h * stride_qh
+    DOh = DO + b * stride_dob + h * stride_doh
     lse_ptr = LSE + pid_bh.to(tl.int64) * N
     delta_ptr = DELTA + pid_bh.to(tl.int64) * N
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    col_win = _window_of(offs_n, P, T) if WINDOWED else offs_n
-    pre_full, pre_end, win_start, win_full, win_end = _visible_ranges(
-        col_start, col_end, N, P, T, WINDOWED, BLOCK_P, BLOCK_M
-    )
-    dk, dv = _dkdv_queries(dk, dv, k, v, qp_ptrs, dop_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                           0, pre_full, col_win, P, T, qk_scale, offs_p, d_mask,
-                           False, False, EVEN_D, BLOCK_P)  # fmt: skip
-    dk, dv = _dkdv_queries(dk, dv, k, v, qp_ptrs, dop_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                           pre_full, pre_end, col_win, P, T, qk_scale, offs_p, d_mask,
-                           True, False, EVEN_D, BLOCK_P)  # fmt: skip
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
     if WINDOWED:
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                               win_start, win_full, col_win, P, T, qk_scale, offs_m, d_mask,
-                               False, True, EVEN_D, BLOCK_M)  # fmt: skip
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                               win_full, win_end, col_win, P, T, qk_scale, offs_m, d_mask,
-                               True, True, EVEN_D, BLOCK_M)  # fmt: skip
+        dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                         lse_ptr, delta_ptr, 0, P, qk_scale, BLOCK_M, BLOCK_S,
+                                         HEAD_D, D0, D1, DC1)  # fmt: skip
+        dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                         lse_ptr, delta_ptr, seg_start, seg_end, qk_scale, BLOCK_M, BLOCK_S,
+                                         HEAD_D, D0, D1, DC1)  # fmt: skip
+    else:
+        dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                         lse_ptr, delta_ptr, 0, N, qk_scale, BLOCK_M, BLOCK_S,
+                                         HEAD_D, D0, D1, DC1)  # fmt: skip
 
-    mask = (offs_n < k_end)[:, None] & d_mask[None, :]
-    g_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :]
-    tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
+    DKh = DK + b * stride_gb + h * stride_gh
+    DVh = DV + b * stride_gb + h * stride_gh
+    _store_rows(DKh, keys, stride_gn, keys < seg_end, dk0 * sm_scale, 0, D0, HEAD_D)
+    _store_rows(DVh, keys, stride_gn, keys < seg_end, dv0, 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(DKh, keys, stride_gn, keys < seg_end, dk1 * sm_scale, D0, D1, HEAD_D)
+        _store_rows(DVh, keys, stride_gn, keys < seg_end, dv1, D0, D1, HEAD_D)
 
 
 @triton.jit
 def _dq_keys(
-    dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-    lo, hi, row_win, P, T, qk_scale, offs_n, d_mask,
-    MASKED: tl.constexpr, WINDOW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kn, stride_vn, lo, hi, qk_scale,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ (unscaled) of one query tile over the key blocks starting in [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_kn, cols, hi, d_mask, MASKED, EVEN_D)
-        v = _load_tile(v_ptrs + start_n * stride_vn, cols, hi, d_mask, MASKED, EVEN_D)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        k0 = _load_rows(K, cols, stride_kn, hi, 0, D0, HEAD_D, MASKED)
+        v0 = _load_rows(V, cols, stride_vn, hi, 0, D0, HEAD_D, MASKED)
+        s = tl.dot(q0, tl.trans(k0))
+        dp = tl.dot(do0, tl.trans(v0))
+        if DC1 > 0:
+            k1c = _load_rows(K, cols, stride_kn, hi, D0, DC1, HEAD_D, MASKED)
+            v1c = _load_rows(V, cols, stride_vn, hi, D0, DC1, HEAD_D, MASKED)
+            s = tl.dot(q1, tl.trans(k1c), s)
+            dp = tl.dot(do1, tl.trans(v1c), dp)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
-            visible = (cols < hi)[None, :]
-            if WINDOW_MASK:
-                visible = visible & (_window_of(cols, P, T)[None, :] == row_win[:, None])
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-    return dq
+            p = tl.where((cols < hi)[None, :], p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        dq0 = tl.dot(ds, k0, dq0)
+        if D1 > 0:
+            if D1 == DC1:
+                k1 = k1c
+            else:
+                k1 = _load_rows(K, cols, stride_kn, hi, D0, D1, HEAD_D, MASKED)
+            dq1 = tl.dot(ds, k1, dq1)
+    return dq0, dq1
+
+
+@triton.jit
+def _dq_range(
+    dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kn, stride_vn, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Keys [lo, hi): full BLOCK_N blocks unmasked, the rest in masked BLOCK_S blocks."""
+    full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    dq0, dq1 = _dq_keys(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kn, stride_vn, lo, full, qk_scale,
+                        False, BLOCK_N, HEAD_D, D0, D1, DC1)  # fmt: skip
+    return _dq_keys(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kn, stride_vn, full, hi, qk_scale,
+                    True, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
 
 
 @triton.jit
@@ -337,58 +527,168 @@ def attn_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_gb, stride_gh, stride_gn,
-    H, N, P, T, q_start, q_end, qk_scale, sm_scale,
-    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    H, N, P, row_base, seg_len, seg_offset, tiles_per_seg, qk_scale, sm_scale,
+    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """One program: dQ of queries [q_start + pid0 * BLOCK_M, ...) < q_end of batch*head pid1."""
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    """One program: dQ of one BLOCK_M tile of queries of one segment of batch*head pid1."""
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     stride_gb, stride_gh, stride_gn = stride_gb * STRIDE_UNIT, stride_gh * STRIDE_UNIT, stride_gn * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row_start = q_start + tl.program_id(0) * BLOCK_M
-    row_end = tl.minimum(row_start + BLOCK_M, q_end)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-    row_ok = offs_m < q_end
+    pid_bh, b, h = _bh_offsets(H)
+    seg, seg_start, seg_end, row_start = _row_tile(row_base, seg_len, seg_offset, tiles_per_seg, BLOCK_M)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_end
+    Qh = Q + b * stride_qb + h * stride_qh
+    DOh = DO + b * stride_dob + h * stride_doh
+    q0 = _load_rows(Qh, rows, stride_qn, seg_end, 0, D0, HEAD_D, True)
+    do0 = _load_rows(DOh, rows, stride_don, seg_end, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        q1 = _load_rows(Qh, rows, stride_qn, seg_end, D0, DC1, HEAD_D, True)
+        do1 = _load_rows(DOh, rows, stride_don, seg_end, D0, DC1, HEAD_D, True)
+    else:
+        q1 = q0  # unused
+        do1 = do0
+    # Rows past the segment: q = do = 0 and lse = +inf make p = 0, so they add nothing anywhere.
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, q_end, d_mask, True, EVEN_D)  # fmt: skip
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, q_end, d_mask, True, EVEN_D)  # fmt: skip
-    # Rows past q_end: q = do = 0 and lse = +inf make p = 0, so they add nothing anywhere.
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
-    k_ptrs, v_ptrs = k_base + offs_n[:, None] * stride_kn, v_base + offs_n[:, None] * stride_vn
-    kp_ptrs, vp_ptrs = k_base + offs_p[:, None] * stride_kn, v_base + offs_p[:, None] * stride_vn
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_win = _window_of(offs_m, P, T) if WINDOWED else offs_m
-    pre_full, pre_end, win_start, win_full, win_end = _visible_ranges(
-        row_start, row_end, N, P, T, WINDOWED, BLOCK_P, BLOCK_N
-    )
-    dq = _dq_keys(dq, q, do, lse, delta, kp_ptrs, vp_ptrs, stride_kn, stride_vn, 0, pre_full,
-                  row_win, P, T, qk_scale, offs_p, d_mask, False, False, EVEN_D, BLOCK_P)  # fmt: skip
-    dq = _dq_keys(dq, q, do, lse, delta, kp_ptrs, vp_ptrs, stride_kn, stride_vn, pre_full, pre_end,
-                  row_win, P, T, qk_scale, offs_p, d_mask, True, False, EVEN_D, BLOCK_P)  # fmt: skip
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], dtype=tl.float32)
     if WINDOWED:
-        dq = _dq_keys(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, win_start, win_full,
-                      row_win, P, T, qk_scale, offs_n, d_mask, False, True, EVEN_D, BLOCK_N)  # fmt: skip
-        dq = _dq_keys(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, win_full, win_end,
-                      row_win, P, T, qk_scale, offs_n, d_mask, True, True, EVEN_D, BLOCK_N)  # fmt: skip
+        dq0, dq1 = _dq_range(dq0, dq1, q0, q1, do0, do1, lse, delta, Kh, Vh, stride_kn, stride_vn, 0, P,
+                             qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+        dq0, dq1 = _dq_range(dq0, dq1, q0, q1, do0, do1, lse, delta, Kh, Vh, stride_kn, stride_vn,
+                             seg_start, seg_end, qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    else:
+        dq0, dq1 = _dq_range(dq0, dq1, q0, q1, do0, do1, lse, delta, Kh, Vh, stride_kn, stride_vn, 0, N,
+                             qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
 
-    g_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    DQh = DQ + b * stride_gb + h * stride_gh
+    _store_rows(DQh, rows, stride_gn, rows < seg_end, dq0 * sm_scale, 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(DQh, rows, stride_gn, rows < seg_end, dq1 * sm_scale, D0, D1, HEAD_D)
+
+
+@triton.jit
+def attn_bwd_window_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQACC,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_gb, stride_gh, stride_gn,
+    H, N, P, T, key_offset, key_tiles, qk_scale, sm_scale,
+    FINISH: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+):  # fmt: skip
+    """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair.
+
+    For each of the ``key_tiles`` BLOCK_N tiles of the window's keys from ``key_offset`` on: dK, dV
+    over the prefix queries and the window's queries, and, for the window's queries, their share of
+    dQ (ds k) added to DQACC (B*H, N, HEAD_D) fp32 rows that only this window's program touches
+    (deterministic, no atomics; a launch with key_offset = 0 starts the sums). A window's keys take
+    one launch of wide tiles and, for its last T mod BLOCK rows, one of 16-row tiles; the last launch
+    (FINISH) adds the prefix keys' share of the window's dQ and scales and stores it. (The prefix
+    queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
+    """
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
+    stride_gb, stride_gh, stride_gn = stride_gb * STRIDE_UNIT, stride_gh * STRIDE_UNIT, stride_gn * STRIDE_UNIT
+    pid_bh, b, h = _bh_offsets(H)
+    seg_start = P + tl.program_id(0) * T
+    seg_end = seg_start + T
+    Qh = Q + b * stride_qb + h * stride_qh
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    DOh = DO + b * stride_dob + h * stride_doh
+    lse_ptr = LSE + pid_bh.to(tl.int64) * N
+    delta_ptr = DELTA + pid_bh.to(tl.int64) * N
+    dq_ptr = DQACC + pid_bh.to(tl.int64) * N * HEAD_D
+
+    key_lo = seg_start + key_offset
+    for kb in range(key_lo, tl.minimum(key_lo + key_tiles * BLOCK_N, seg_end), BLOCK_N):
+        keys = kb + tl.arange(0, BLOCK_N)
+        k0 = _load_rows(Kh, keys, stride_kn, seg_end, 0, D0, HEAD_D, True)
+        v0 = _load_rows(Vh, keys, stride_vn, seg_end, 0, D0, HEAD_D, True)
+        if DC1 > 0:
+            k1 = _load_rows(Kh, keys, stride_kn, seg_end, D0, DC1, HEAD_D, True)
+            v1 = _load_rows(Vh, keys, stride_vn, seg_end, D0, DC1, HEAD_D, True)
+        else:
+            k1 = k0  # unused
+            v1 = v0
+        if D1 > 0 and D1 != DC1:
+            k1x = _load_rows(Kh, keys, stride_kn, seg_end, D0, D1, HEAD_D, True)
+        else:
+            k1x = k1
+        dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+        dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                         lse_ptr, delta_ptr, 0, P, qk_scale, BLOCK_S, BLOCK_S,
+                                         HEAD_D, D0, D1, DC1)  # fmt: skip
+        # The window's queries, with dQ: full BLOCK_M blocks, then masked BLOCK_S steps.
+        first = kb == seg_start
+        full = seg_start + (T // BLOCK_M) * BLOCK_M
+        dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                           lse_ptr, delta_ptr, seg_start, full, qk_scale, dq_ptr, first, k1x,
+                                           False, BLOCK_M, True, HEAD_D, D0, D1, DC1)  # fmt: skip
+        dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                           lse_ptr, delta_ptr, full, seg_end, qk_scale, dq_ptr, first, k1x,
+                                           True, BLOCK_S, True, HEAD_D, D0, D1, DC1)  # fmt: skip
+        key_ok = keys < seg_end
+        DKh = DK + b * stride_gb + h * stride_gh
+        DVh = DV + b * stride_gb + h * stride_gh
+        _store_rows(DKh, keys, stride_gn, key_ok, dk0 * sm_scale, 0, D0, HEAD_D)
+        _store_rows(DVh, keys, stride_gn, key_ok, dv0, 0, D0, HEAD_D)
+        if D1 > 0:
+            _store_rows(DKh, keys, stride_gn, key_ok, dk1 * sm_scale, D0, D1, HEAD_D)
+            _store_rows(DVh, keys, stride_gn, key_ok, dv1, D0, D1, HEAD_D)
+        # dQ rows are read back in the next key tile (and below) by threads of other layouts.
+        tl.debug_barrier()
+
+    if FINISH:  # the window's dQ: add the prefix keys' share, scale, store
+        _window_dq_finish(Qh, Kh, Vh, DOh, DQ + b * stride_gb + h * stride_gh, lse_ptr, delta_ptr, dq_ptr,
+                          stride_qn, stride_kn, stride_vn, stride_don, stride_gn, seg_start, seg_end, P,
+                          qk_scale, sm_scale, HEAD_D, D0, D1, DC1, BLOCK_M, BLOCK_S)  # fmt: skip
+
+
+@triton.jit
+def _window_dq_finish(
+    Qh, Kh, Vh, DOh, DQh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn, stride_don, stride_gn,
+    seg_start, seg_end, P, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """dQ of a window's queries: the fp32 sums over its keys plus the prefix keys' share, scaled."""
+    for qb in range(seg_start, seg_end, BLOCK_M):
+        rows = qb + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_end
+        q0 = _load_rows(Qh, rows, stride_qn, seg_end, 0, D0, HEAD_D, True)
+        do0 = _load_rows(DOh, rows, stride_don, seg_end, 0, D0, HEAD_D, True)
+        if DC1 > 0:
+            q1 = _load_rows(Qh, rows, stride_qn, seg_end, D0, DC1, HEAD_D, True)
+            do1 = _load_rows(DOh, rows, stride_don, seg_end, D0, DC1, HEAD_D, True)
+        else:
+            q1 = q0  # unused
+            do1 = do0
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        dq0 = _load_rows(dq_ptr, rows, HEAD_D, seg_end, 0, D0, HEAD_D, True)
+        if D1 > 0:
+            dq1 = _load_rows(dq_ptr, rows, HEAD_D, seg_end, D0, D1, HEAD_D, True)
+        else:
+            dq1 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+        dq0, dq1 = _dq_range(dq0, dq1, q0, q1, do0, do1, lse, delta, Kh, Vh, stride_kn, stride_vn, 0, P,
+                             qk_scale, BLOCK_S, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+        _store_rows(DQh, rows, stride_gn, row_ok, dq0 * sm_scale, 0, D0, HEAD_D)
+        if D1 > 0:
+            _store_rows(DQh, rows, stride_gn, row_ok, dq1 * sm_scale, D0, D1, HEAD_D)
 
 
 # The static GPU audit compiles these kernels with every tile attention.py can launch:

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _attention_configs as configs
+from . import _attention_plan as plan
 from . import reference
 from ._attention_kernels import LOG2E
 from ._backend import device_guard, resolve_backend
@@ -113,7 +114,7 @@ def varlen_forward(q, k, v, cu, bounds: list[int], scale: float):
     if seqs.numel():
         attn_varlen_fwd_kernel[(seqs.numel(), B * H)](
             q, k, v, out, lse, seqs, rows, cu, *strides, H, N, scale * LOG2E,
-            HEAD_D=D, BLOCK_D=configs.block_d_of(D), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            **plan.chunk_constexprs(D), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_S=plan.SMALL,
             STRIDE_UNIT=unit, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return out, lse
@@ -126,6 +127,7 @@ def varlen_backward(do, q, k, v, out, lse, cu, bounds: list[int], scale: float):
     B, H, N, D = q.shape
     es = q.element_size()
     delta, (dq, dk, dv), strides, common = backward_setup(do, q, k, v, out, lse)
+    common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=common["STRIDE_UNIT"])
     # dK, dV: rows are keys (the kernel's BLOCK_N), columns queries (BLOCK_M).
     tile = varlen_tile(configs.active_table(), "dkdv", D, es)
     seqs, rows = tile_table(bounds, tile.block_m, q.device)

@@ -10,9 +10,9 @@ logsumexp, delta_i = do_i . o_i) restricted to each segment. Programs never stra
 host lays out a tile table, one entry (segment, first row) per BLOCK-row tile of a segment, so a
 batch of mixed sizes launches exactly the tiles its tokens need and walks only each segment's own
 blocks (no padding to the longest). A program's inner loop takes the segment's full blocks without
-masks and masks its last, partial one; its own rows past the segment end are loaded as zeros and
-never stored. The loops are ``_attention_kernels``' (``_fwd_keys``, ``_dq_keys``, ``_dkdv_queries``)
-with the window mask off, so the numerics are those of the global mode; delta reuses its kernel.
+masks and masks its last, partial one (in 16-wide steps); its own rows past the segment end are loaded as
+zeros and never stored. The loops and head-dim chunks are ``_attention_kernels``' (``_fwd_range``,
+``_dq_range``, ``_dkdv_range``), so the numerics are those of the global mode; delta reuses its kernel.
 
 The backward is deterministic, like the global one: dK/dV programs own a key tile and loop over the
 queries of its segment, dQ programs own a query tile and loop over its keys.
@@ -23,7 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_kernels import _dkdv_queries, _dq_keys, _fwd_keys, _load_tile
+from ._attention_kernels import (
+    _bh_offsets,
+    _dkdv_range,
+    _dq_range,
+    _fwd_init,
+    _fwd_range,
+    _load_rows,
+    _store_rows,
+)
 
 
 @triton.jit
@@ -41,44 +49,28 @@ def attn_varlen_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
     """One program: the queries of tile pid0 (inside one segment) of batch*head pid1."""
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, b, h = _bh_offsets(H)
     row_start, seq_start, seq_end = _tile_bounds(TILE_SEQ, TILE_ROW, CU)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, seq_end, d_mask, True, EVEN_D)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end = seq_start + ((seq_end - seq_start) // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, seq_start, full_end,
-                              offs_m, 0, 1, qk_scale, offs_n, d_mask, False, False, EVEN_D, BLOCK_N)  # fmt: skip
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, seq_end,
-                              offs_m, 0, 1, qk_scale, offs_n, d_mask, True, False, EVEN_D, BLOCK_N)  # fmt: skip
-
+    rows = row_start + tl.arange(0, BLOCK_M)
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Q + b * stride_qb + h * stride_qh, stride_qn, rows < seq_end,
+                                             BLOCK_M, HEAD_D, D0, D1, DC1)  # fmt: skip
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, K + b * stride_kb + h * stride_kh,
+                                      V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, seq_start, seq_end,
+                                      qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    row_ok = offs_m < seq_end
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    Oh = O + b * stride_ob + h * stride_oh
+    _store_rows(Oh, rows, stride_on, rows < seq_end, acc0 / l_safe[:, None], 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(Oh, rows, stride_on, rows < seq_end, acc1 / l_safe[:, None], D0, D1, HEAD_D)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_safe), mask=rows < seq_end)
 
 
 @triton.jit
@@ -88,49 +80,44 @@ def attn_varlen_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_gb, stride_gh, stride_gn,
     H, N, qk_scale, sm_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
     """One program: dK, dV of the keys of tile pid0 (BLOCK_N rows inside one segment); DK and DV
     share the strides stride_g*."""
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     stride_gb, stride_gh, stride_gn = stride_gb * STRIDE_UNIT, stride_gh * STRIDE_UNIT, stride_gn * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, b, h = _bh_offsets(H)
     col_start, seq_start, seq_end = _tile_bounds(TILE_SEQ, TILE_ROW, CU)
-    offs_n = col_start + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-
-    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, seq_end, d_mask, True, EVEN_D)  # fmt: skip
-    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   offs_n, seq_end, d_mask, True, EVEN_D)  # fmt: skip
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
-    lse_ptr = LSE + pid_bh.to(tl.int64) * N
-    delta_ptr = DELTA + pid_bh.to(tl.int64) * N
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    full_end = seq_start + ((seq_end - seq_start) // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                           seq_start, full_end, offs_n, 0, 1, qk_scale, offs_m, d_mask,
-                           False, False, EVEN_D, BLOCK_M)  # fmt: skip
-    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                           full_end, seq_end, offs_n, 0, 1, qk_scale, offs_m, d_mask,
-                           True, False, EVEN_D, BLOCK_M)  # fmt: skip
-
-    mask = (offs_n < seq_end)[:, None] & d_mask[None, :]
-    g_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :]
-    tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
+    keys = col_start + tl.arange(0, BLOCK_N)
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    k0 = _load_rows(Kh, keys, stride_kn, seq_end, 0, D0, HEAD_D, True)
+    v0 = _load_rows(Vh, keys, stride_vn, seq_end, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        k1 = _load_rows(Kh, keys, stride_kn, seq_end, D0, DC1, HEAD_D, True)
+        v1 = _load_rows(Vh, keys, stride_vn, seq_end, D0, DC1, HEAD_D, True)
+    else:
+        k1 = k0  # unused
+        v1 = v0
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + b * stride_qb + h * stride_qh,
+                                     DO + b * stride_dob + h * stride_doh, stride_qn, stride_don,
+                                     LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N,
+                                     seq_start, seq_end, qk_scale, BLOCK_M, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    DKh = DK + b * stride_gb + h * stride_gh
+    DVh = DV + b * stride_gb + h * stride_gh
+    _store_rows(DKh, keys, stride_gn, keys < seq_end, dk0 * sm_scale, 0, D0, HEAD_D)
+    _store_rows(DVh, keys, stride_gn, keys < seq_end, dv0, 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(DKh, keys, stride_gn, keys < seq_end, dk1 * sm_scale, D0, D1, HEAD_D)
+        _store_rows(DVh, keys, stride_gn, keys < seq_end, dv1, D0, D1, HEAD_D)
 
 
 @triton.jit
@@ -140,45 +127,41 @@ def attn_varlen_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_gb, stride_gh, stride_gn,
     H, N, qk_scale, sm_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
     """One program: dQ of the queries of tile pid0 (inside one segment) of batch*head pid1."""
-    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
     stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     stride_gb, stride_gh, stride_gn = stride_gb * STRIDE_UNIT, stride_gh * STRIDE_UNIT, stride_gn * STRIDE_UNIT
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, b, h = _bh_offsets(H)
     row_start, seq_start, seq_end = _tile_bounds(TILE_SEQ, TILE_ROW, CU)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_D
-    row_ok = offs_m < seq_end
-
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, seq_end, d_mask, True, EVEN_D)  # fmt: skip
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, seq_end, d_mask, True, EVEN_D)  # fmt: skip
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_end
+    Qh = Q + b * stride_qb + h * stride_qh
+    DOh = DO + b * stride_dob + h * stride_doh
+    q0 = _load_rows(Qh, rows, stride_qn, seq_end, 0, D0, HEAD_D, True)
+    do0 = _load_rows(DOh, rows, stride_don, seq_end, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        q1 = _load_rows(Qh, rows, stride_qn, seq_end, D0, DC1, HEAD_D, True)
+        do1 = _load_rows(DOh, rows, stride_don, seq_end, D0, DC1, HEAD_D, True)
+    else:
+        q1 = q0  # unused
+        do1 = do0
     # Rows past the segment: q = do = 0 and lse = +inf make p = 0, so they add nothing.
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end = seq_start + ((seq_end - seq_start) // BLOCK_N) * BLOCK_N
-    dq = _dq_keys(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, seq_start, full_end,
-                  offs_m, 0, 1, qk_scale, offs_n, d_mask, False, False, EVEN_D, BLOCK_N)  # fmt: skip
-    dq = _dq_keys(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, seq_end,
-                  offs_m, 0, 1, qk_scale, offs_n, d_mask, True, False, EVEN_D, BLOCK_N)  # fmt: skip
-
-    g_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dq0, dq1 = _dq_range(dq0, dq1, q0, q1, do0, do1, lse, delta, K + b * stride_kb + h * stride_kh,
+                         V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, seq_start, seq_end, qk_scale,
+                         BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    DQh = DQ + b * stride_gb + h * stride_gh
+    _store_rows(DQh, rows, stride_gn, rows < seq_end, dq0 * sm_scale, 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(DQh, rows, stride_gn, rows < seq_end, dq1 * sm_scale, D0, D1, HEAD_D)
 
 
 def varlen_tile(table: dict, launch: str, head_dim: int, elem_size: int):
@@ -199,7 +182,8 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     narrow) and the same stride units, so each entry mirrors the global entry of
     ``_attention_configs.AUDIT_CONFIGS``; the tile table / cu_seqlens pointers are int32.
     """
-    from ._attention_configs import AUDIT_DTYPES, AUDIT_HEAD_DIMS, BLACKWELL, GPU_TABLES, HOPPER, block_d_of
+    from ._attention_configs import AUDIT_DTYPES, AUDIT_HEAD_DIMS, BLACKWELL, GPU_TABLES, HOPPER
+    from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
 
     floats = ("qk_scale", "sm_scale")
@@ -212,7 +196,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                     ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA")}  # fmt: skip
             ptrs.update(TILE_SEQ="i32", TILE_ROW="i32", CU="i32")
             for d in AUDIT_HEAD_DIMS:
-                bd, unit = block_d_of(d), 16 if d % 16 == 0 else 8
+                unit = 16 if d % 16 == 0 else 8
                 for launch, kernel in kernels.items():
                     names = [p.name for p in kernel.params]
                     sig = signature_of(
@@ -225,7 +209,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                         kernel=kernel,
                         label=f"varlen {launch} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",
                         signature=sig,
-                        constexprs={"HEAD_D": d, "BLOCK_D": bd, "STRIDE_UNIT": unit,
+                        constexprs={**chunk_constexprs(d), "BLOCK_S": SMALL, "STRIDE_UNIT": unit,
                                     rows: tile.block_m, cols: tile.block_n},
                         num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True, archs=(arch,),
                         expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,

@@ -32,13 +32,16 @@ import triton
 from torch.autograd.function import once_differentiable
 
 from . import _attention_configs as configs
+from . import _attention_plan as plan
 from . import reference
 from ._attention_kernels import (
     LOG2E,
     attn_bwd_delta_kernel,
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
+    attn_bwd_window_kernel,
     attn_fwd_kernel,
+    attn_fwd_prefix_combine_kernel,
 )
 from ._backend import device_guard, interpreter_enabled, resolve_backend
 from ._checks import check_same_device, check_tensor
@@ -206,34 +209,36 @@ def _grid(rows: int, block: int, bh: int) -> tuple[int, int]:
     return (triton.cdiv(rows, block), bh)
 
 
-def _row_launches(num_prefix: int, window_tokens: int, n: int):
-    """(first row, end row, windowed, prefix launch) of each launch over rows (queries or keys)."""
-    if window_tokens == 0:
-        return [(0, n, False, False)]
-    launches = []
-    if num_prefix:
-        launches.append((0, num_prefix, False, True))  # prefix rows see every column
-    if n > num_prefix:
-        launches.append((num_prefix, n, True, False))
-    return launches
+def _segment_args(launch: plan.Launch) -> tuple[int, int, int, int]:
+    return launch.row_base, launch.seg_len, launch.seg_offset, launch.tiles_per_seg
 
 
 def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float):
-    """Run the forward kernels; returns (out (B, H, N, D) stored (B, N, H, D), lse2 (B*H, N) fp32)."""
+    """Run the forward plan; returns (out (B, H, N, D) stored (B, N, H, D), lse2 (B*H, N) fp32)."""
     B, H, N, D = q.shape
     out = _bnhd_empty_like(q)
     lse = _empty((B * H, N), torch.float32, q.device)
     unit = _stride_unit(q, k, v, out)
     strides = [x for t in (q, k, v, out) for x in _scaled(_strides(t), unit)]
-    es = q.element_size()
-    for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
-        tile = configs.pick_tile("fwd_prefix" if prefix else "fwd", D, es, window_tokens)
-        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
-        attn_fwd_kernel[_grid(end - start, tile.block_m, B * H)](
-            q, k, v, out, lse, *strides, H, N, num_prefix, max(window_tokens, 1), start, end,
-            scale * LOG2E, WINDOWED=windowed, HEAD_D=D, BLOCK_D=configs.block_d_of(D),
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_P=block_p, STRIDE_UNIT=unit,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+    launches = plan.forward_plan(N, num_prefix, window_tokens, D, q.element_size(), configs.active_table())
+    n_seg = (N - num_prefix) // window_tokens if window_tokens else 1
+    folded = num_prefix > 0 and window_tokens > 0
+    # Prefix rows' partial softmax state per window (fp32): acc (B*H, n_seg, P, D), (m, l) (B*H, n_seg, 2, P).
+    part_acc = _empty((B * H, n_seg, num_prefix, D) if folded else (1,), torch.float32, q.device)
+    part_ml = _empty((B * H, n_seg, 2, num_prefix) if folded else (1,), torch.float32, q.device)
+    common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=unit)
+    for launch in launches:
+        tile = launch.tile
+        if launch.kernel == "combine":
+            attn_fwd_prefix_combine_kernel[(launch.tiles_per_seg, B * H)](
+                q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, n_seg, scale * LOG2E,
+                BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            )  # fmt: skip
+            continue
+        attn_fwd_kernel[(launch.programs, B * H)](
+            q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, *_segment_args(launch), n_seg,
+            scale * LOG2E, WINDOWED=launch.windowed, BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
         )  # fmt: skip
     return out, lse
 
@@ -260,24 +265,32 @@ def backward_setup(do, q, k, v, out, lse):
 def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: int, scale: float):
     """Gradients (dq, dk, dv), each (B, H, N, D) stored (B, N, H, D); deterministic (no atomics)."""
     B, H, N, D = q.shape
-    es = q.element_size()
     delta, (dq, dk, dv), strides, common = backward_setup(do, q, k, v, out, lse)
-    for start, end, windowed, prefix in _row_launches(num_prefix, window_tokens, N):
-        # dK, dV: rows are keys, columns queries (the kernel's BLOCK_N / BLOCK_M).
-        tile = configs.pick_tile("dkdv_prefix" if prefix else "dkdv", D, es, window_tokens)
-        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
-        attn_bwd_dkdv_kernel[_grid(end - start, tile.block_m, B * H)](
-            q, k, v, do, dk, dv, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
-            start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_n,
-            BLOCK_N=tile.block_m, BLOCK_P=block_p, num_warps=tile.num_warps,
-            num_stages=tile.num_stages, **common,
-        )  # fmt: skip
-        tile = configs.pick_tile("dq_prefix" if prefix else "dq", D, es, window_tokens)
-        block_p = configs.prefix_block(tile.block_n) if windowed else tile.block_n
-        attn_bwd_dq_kernel[_grid(end - start, tile.block_m, B * H)](
-            q, k, v, do, dq, lse, delta, *strides, H, N, num_prefix, max(window_tokens, 1),
-            start, end, scale * LOG2E, scale, WINDOWED=windowed, BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, BLOCK_P=block_p, num_warps=tile.num_warps,
-            num_stages=tile.num_stages, **common,
-        )  # fmt: skip
+    common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=common["STRIDE_UNIT"])
+    launches = plan.backward_plan(N, num_prefix, window_tokens, D, q.element_size(), configs.active_table())
+    windows = [launch for launch in launches if launch.kernel == "window"]
+    # dQ of the windows' queries, summed over their key tiles in fp32 by the program owning the window.
+    dq_acc = _empty((B * H, N, D), torch.float32, q.device) if windows else None
+    for launch in launches:
+        tile = launch.tile
+        if launch.kernel == "window":
+            attn_bwd_window_kernel[(launch.n_seg, B * H)](
+                q, k, v, do, dq, dk, dv, lse, delta, dq_acc, *strides, H, N, num_prefix, window_tokens,
+                launch.seg_offset, launch.tiles_per_seg, scale * LOG2E, scale, FINISH=launch is windows[-1],
+                BLOCK_M=tile.block_n, BLOCK_N=tile.block_m, num_warps=tile.num_warps,
+                num_stages=tile.num_stages, **common,
+            )  # fmt: skip
+        elif launch.kernel == "dkdv":
+            # Rows are keys (the kernel's BLOCK_N), the inner loop walks queries (BLOCK_M).
+            attn_bwd_dkdv_kernel[(launch.programs, B * H)](
+                q, k, v, do, dk, dv, lse, delta, *strides, H, N, num_prefix, *_segment_args(launch),
+                scale * LOG2E, scale, WINDOWED=launch.windowed, BLOCK_M=tile.block_n, BLOCK_N=tile.block_m,
+                num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            )  # fmt: skip
+        else:
+            attn_bwd_dq_kernel[(launch.programs, B * H)](
+                q, k, v, do, dq, lse, delta, *strides, H, N, num_prefix, *_segment_args(launch),
+                scale * LOG2E, scale, WINDOWED=launch.windowed, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            )  # fmt: skip
     return dq, dk, dv

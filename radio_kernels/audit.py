@@ -8,6 +8,8 @@ Usage::
     python -m radio_kernels.audit --list          # registered configurations, no compilation
     python -m radio_kernels.audit --sample        # flagged configurations (else first and last per kernel)
     python -m radio_kernels.audit --jobs 4        # parallel compilations (default: the usable CPUs)
+    python -m radio_kernels.audit --plan [--json] # static performance model of the attention launch plan
+                                                  # (radio_kernels.perf_model); exit 1 when a limit is broken
 
 For each configuration a host wrapper can launch (dtype, block sizes, num_warps, constexprs),
 the kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
@@ -304,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="parallel compilations (default: CPUs)")
     parser.add_argument("--list", action="store_true", help="print the registered configurations, compile nothing")
+    parser.add_argument("--plan", action="store_true", help="print the static performance model, compile nothing")
+    parser.add_argument("--json", action="store_true", help="with --plan: JSON rows instead of a table")
     args = parser.parse_args(argv)
+    if args.plan:
+        return _print_plan(args.json)
     archs = tuple(args.arch) if args.arch else ARCHS
     if args.list:
         for cfg in collect_configs(args.only, args.sample):
@@ -329,6 +335,22 @@ def main(argv: list[str] | None = None) -> int:
         f"({max(args.jobs, 1)} jobs): " + (f"{len(failed)} FAILED" if failed else "all ok")
     )
     return 1 if failed else 0
+
+
+def _print_plan(as_json: bool) -> int:
+    import json
+
+    from . import perf_model
+
+    rows = perf_model.plan_rows()
+    failures = perf_model.threshold_failures(rows)
+    if as_json:
+        print(json.dumps({"rows": rows, "failures": failures}, indent=1))
+    else:
+        print("Static model of the attention launch plan on the sm_90 tiles (not a measurement):")
+        print(perf_model.format_plan(rows))
+        print("\n" + ("\n".join(f"OVER LIMIT: {f}" for f in failures) if failures else "all limits met"))
+    return 1 if failures else 0
 
 
 def _rerun_without_interpreter() -> int:

@@ -29,7 +29,7 @@ from radio_kernels.attention import triton_supports
 # the package re-exports the function under the module's name
 attention_module = importlib.import_module("radio_kernels.attention")
 
-HEAD_DIMS = (16, 32, 64, 72, 80, 128)
+HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128)
 PREFIXES = (0, 1, 4, 10)
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

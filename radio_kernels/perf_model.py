@@ -1,0 +1,226 @@
+"""Static performance model of the attention launch plan (no GPU): useful vs executed MMA FLOPs and
+minimum vs planned HBM bytes, for the problems C-RADIOv4 trains on.
+
+Everything is counted from ``_attention_plan``'s launches (grid, tiles, head-dim chunks, masked
+steps), the objects ``attention.py`` launches, on the sm_90 (Hopper) tile table:
+
+- useful FLOPs: 4 D per visible (query, key) pair forward, 10 D backward (the 5-matmul flash
+  backward: S, dP, dV, dK, dQ), the counting convention of ``reference.attention_flops``.
+- executed MMA FLOPs: every (row, column) pair a program's tiles compute, including masked rows
+  and columns, times 2 x the executed width of each product: D0 + DC1 for products that contract
+  over D (q k^T, do v^T), D0 + D1 for products whose output is D wide (see ``head_chunks``).
+  Forward: 2 products, dQ kernel: 3, dK/dV kernel: 4 (7 in all: dQ recomputes S and dP); the
+  windowed backward's per-window kernel: 5 for the window's own pairs (dQ summed in place).
+- HBM bytes, assuming the programs of one launch and head run together and share what they read
+  through L2 (so a launch reads each K / V row it walks once) and that nothing survives in L2 from
+  one launch to the next: each launch reads the Q (dO, lse, delta) rows it owns and the K, V (Q, dO)
+  rows its programs walk, and writes its rows' outputs; the prefix partial states are written and
+  read in fp32. Minimum: every input read once, every output written once.
+
+This is a model, not a measurement: it shows where work and traffic go, not how fast a GPU runs
+it. ``python -m radio_kernels.audit --plan`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from . import _attention_configs as configs
+from ._attention_plan import SMALL, Launch, backward_plan, forward_plan, head_chunks
+
+PREFIX = 10  # C-RADIO's prefix tokens (CLS + registers)
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    px: int
+    head_dim: int
+    heads: int
+    batch: int
+    window: int  # window side in patches, 0 = global
+
+    @property
+    def grid(self) -> int:
+        return self.px // 16
+
+    @property
+    def n(self) -> int:
+        return self.grid**2 + PREFIX
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window**2
+
+
+def _vit_h(px, window):
+    return Problem(f"ViT-H/16 {px}px " + (f"win{window}" if window else "global"), px, 80, 16, 16, window)
+
+
+PROBLEMS = (
+    *(_vit_h(px, w) for px in (512, 1024, 1152) for w in (0, 8, 16) if (px // 16) % max(w, 1) == 0),
+    Problem("SO400M/16 1152px win12", 1152, 72, 16, 16, 12),
+    Problem("ViT-B/16 1024px global", 1024, 64, 12, 16, 0),
+)
+# The thresholds the plan must meet (forward executed / useful MMA, backward executed / 5-matmul,
+# windowed forward planned / minimum bytes).
+FWD_MMA_LIMIT = {"global": 1.15, 16: 1.15, 12: 1.4}
+BWD_MMA_LIMIT = 1.5
+FWD_BYTES_LIMIT = 1.2
+
+
+def visible_pairs(n: int, p: int, t: int) -> int:
+    if t == 0:
+        return n * n
+    return p * n + (n - p) * (p + t)
+
+
+def _walked(length: int, block: int) -> int:
+    """Columns a program computes walking ``length`` columns: full blocks, then 16-wide masked steps."""
+    full = (length // block) * block
+    return full + -(-(length - full) // SMALL) * SMALL
+
+
+def _columns(launch: Launch, n: int, p: int) -> int:
+    """Columns each program of ``launch`` walks (computes, masked ones included)."""
+    step = launch.tile.block_n
+    if launch.kernel == "combine":
+        return _walked(p, step)
+    if launch.windowed:
+        return _walked(p, SMALL) + _walked(launch.seg_len, step)
+    return _walked(n, step)
+
+
+PRODUCTS = {"fwd": (1, 1), "combine": (1, 1), "dq": (2, 1), "dkdv": (2, 2)}  # (contract over D, D-wide out)
+
+
+def executed_flops(launches: list[Launch], n: int, p: int, head_dim: int) -> int:
+    d0, d1, dc1 = head_chunks(head_dim)
+
+    def per_pair(contract, out):
+        return 2 * (contract * (d0 + dc1) + out * (d0 + d1))
+
+    total = 0
+    for launch in launches:
+        if launch.kernel == "window":  # keys x (prefix queries: 4 products, window queries: 5)
+            t, step = launch.seg_len, launch.tile.block_n
+            key_rows = launch.tiles_per_seg * launch.tile.block_m
+            one = key_rows * (_walked(p, SMALL) * per_pair(2, 2) + _walked(t, step) * per_pair(2, 3))
+            if launch is [x for x in launches if x.kernel == "window"][-1]:  # FINISH: dQ's prefix keys
+                one += -(-t // step) * step * _walked(p, SMALL) * per_pair(2, 1)
+            total += launch.n_seg * one
+            continue
+        per = per_pair(*PRODUCTS[launch.kernel])
+        total += launch.programs * launch.tile.block_m * _columns(launch, n, p) * per
+    return total
+
+
+def planned_bytes(launches: list[Launch], n: int, p: int, head_dim: int, es: int, backward: bool) -> int:
+    """HBM bytes of one (batch, head) under the module docstring's model."""
+    row = head_dim * es
+    total = 0
+    for launch in launches:
+        rows = min(launch.programs * launch.tile.block_m, launch.n_seg * launch.seg_len)
+        if launch.kernel == "combine":  # prefix q, k, v read, o and lse written (partials: below)
+            total += p * (4 * row + 4)
+            continue
+        walked = (p + launch.n_seg * launch.seg_len) if launch.windowed else n
+        if launch.kernel == "window":
+            t = launch.seg_len
+            keys = min(t - launch.seg_offset, launch.tiles_per_seg * launch.tile.block_m)
+            total += launch.n_seg * (t * (2 * row + 8) + keys * 4 * row)  # q, do, lse, delta; k, v, dk, dv
+            total += p * (2 * row + 8)  # the prefix q, do
+            total += launch.n_seg * t * head_dim * 4 * 2 * launch.tiles_per_seg  # fp32 dQ sums, per key tile
+            total += launch.n_seg * t * row if launch is [x for x in launches if x.kernel == "window"][-1] else 0
+            continue
+        if not backward:
+            total += rows * (2 * row + 4)  # q read, o + lse written
+            total += walked * 2 * row  # k, v
+        elif launch.kernel == "dkdv":
+            total += rows * 4 * row  # k, v read, dk, dv written
+            total += walked * (2 * row + 8)  # q, do, lse, delta
+        else:
+            total += rows * (3 * row + 8)  # q, do read, dq written, lse, delta
+            total += walked * 2 * row  # k, v
+    return total
+
+
+def _partials_bytes(n: int, p: int, t: int, head_dim: int) -> int:
+    """Prefix partial states (acc, m, l) written by the windows and read by the combine, fp32."""
+    if not (p and t):
+        return 0
+    return 2 * ((n - p) // t) * p * (head_dim + 2) * 4
+
+
+def minimum_bytes(n: int, head_dim: int, es: int, backward: bool) -> int:
+    row = head_dim * es
+    if backward:  # q, k, v, o, do read (o for delta), dq, dk, dv written, lse read
+        return n * (8 * row + 4)
+    return n * (4 * row + 4)  # q, k, v read, o written, lse written
+
+
+def plan_rows(table=None) -> list[dict]:
+    """One dict per (problem, pass): the model's numbers (see the module docstring)."""
+    table = configs.HOPPER_TABLE if table is None else table
+    out = []
+    for prob in PROBLEMS:
+        n, p, t, d, es = prob.n, PREFIX, prob.window_tokens, prob.head_dim, 2
+        pairs = visible_pairs(n, p, t)
+        bh = prob.batch * prob.heads
+        for name, launches, useful_per_pair, backward in (
+            ("fwd", forward_plan(n, p, t, d, es, table), 4 * d, False),
+            ("bwd", backward_plan(n, p, t, d, es, table), 10 * d, True),
+        ):
+            useful = useful_per_pair * pairs
+            executed = executed_flops(launches, n, p, d)
+            planned = planned_bytes(launches, n, p, d, es, backward) + (0 if backward else _partials_bytes(n, p, t, d))
+            if backward:
+                planned += n * (2 * d * es + 4)  # the delta kernel: o, do read, delta written
+            minimum = minimum_bytes(n, d, es, backward)
+            out.append(dict(
+                problem=prob.name, pass_=name, n=n, head_dim=d, window=prob.window,
+                launches=len(launches) + (1 if backward else 0),
+                useful_tflop=useful * bh / 1e12, executed_tflop=executed * bh / 1e12, mma_ratio=executed / useful,
+                min_mb=minimum * bh / 2**20, planned_mb=planned * bh / 2**20, bytes_ratio=planned / minimum,
+                tiles=", ".join(sorted({f"{x.kernel}:{x.tile.block_m}x{x.tile.block_n}" for x in launches})),
+                problem_spec=asdict(prob),
+            ))  # fmt: skip
+    return out
+
+
+def threshold_failures(rows: list[dict]) -> list[str]:
+    """The rows that break the plan's limits, as readable lines (empty: all met)."""
+    failures = []
+    for r in rows:
+        key = "global" if r["window"] == 0 else r["window"]
+        if r["pass_"] == "fwd" and key in FWD_MMA_LIMIT and r["mma_ratio"] > FWD_MMA_LIMIT[key]:
+            failures.append(f"{r['problem']} fwd: executed/useful MMA {r['mma_ratio']:.3f} > {FWD_MMA_LIMIT[key]}")
+        if r["pass_"] == "bwd" and r["mma_ratio"] > BWD_MMA_LIMIT:
+            failures.append(f"{r['problem']} bwd: executed/5-matmul {r['mma_ratio']:.3f} > {BWD_MMA_LIMIT}")
+        if r["pass_"] == "fwd" and r["window"] and r["bytes_ratio"] > FWD_BYTES_LIMIT:
+            failures.append(f"{r['problem']} fwd: planned/minimum bytes {r['bytes_ratio']:.3f} > {FWD_BYTES_LIMIT}")
+    return failures
+
+
+def format_plan(rows: list[dict]) -> str:
+    head = (
+        "problem",
+        "pass",
+        "N",
+        "D",
+        "launches",
+        "useful TFLOP",
+        "executed/useful",
+        "min MB",
+        "planned/min",
+        "tiles",
+    )
+    lines = [head]
+    for r in rows:
+        lines.append((r["problem"], r["pass_"], str(r["n"]), str(r["head_dim"]), str(r["launches"]),
+                      f"{r['useful_tflop']:.2f}", f"{r['mma_ratio']:.3f}", f"{r['min_mb']:.0f}",
+                      f"{r['bytes_ratio']:.3f}", r["tiles"]))  # fmt: skip
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
