@@ -38,6 +38,7 @@ since P is ~10.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 from ._backend import interpreter_enabled
@@ -76,6 +77,9 @@ def _hopper_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         ("dkdv_prefix", False): Tile(16, 64, 4, 3),
         ("delta", False): Tile(64, 0, 4, 1),
     }
+    if es == 2 and bd == 128:
+        # 16 keys x 64-query steps spill 4-8 B at D = 72 / 80 (the two head-dim chunks): 32-query steps.
+        t["dkdv_prefix", False] = Tile(16, 32, 4, 3)
     if bd <= 32:
         # Tiny rows: some 16-row prefix tiles spill a few bytes at 3 stages or 128 columns (ptxas, sm_90a).
         t["fwd_prefix", False] = Tile(16, 64, 4, 3)
@@ -230,6 +234,22 @@ WINDOW_TILES = {
 }
 
 
+def uses_tma(table, elem_size: int) -> bool:
+    """Whether the forward's full key blocks load through tensor descriptors (TMA) on ``table``'s GPU:
+    Hopper, 16-bit (audited for UTMALDG on sm_90); the interpreter too, so that path is checked
+    numerically. The wrapper also needs 16-byte aligned K / V rows (else the pointer path runs)."""
+    return table is INTERPRET_TABLE or (table is HOPPER_TABLE and elem_size == 2)
+
+
+def fwd_max_regs(table, head_dim: int, elem_size: int, tile: Tile) -> int | None:
+    """``maxnreg`` of a forward launch: 128 for Hopper's 8-warp 16-bit tiles up to D = 96, so that two
+    blocks share an SM (ptxas wants 131-132 with TMA at D = 80 otherwise: one block; with the cap it
+    stays spill-free, audited), else None (ptxas chooses)."""
+    if table is HOPPER_TABLE and elem_size == 2 and head_dim <= 96 and tile.num_warps == 8:
+        return 128
+    return None
+
+
 def window_tiles(table, head_dim: int, elem_size: int) -> tuple[Tile, Tile] | None:
     """(wide, 16-key tail) tiles of the per-window backward kernel on ``table``'s GPU, or None."""
     if table is INTERPRET_TABLE:
@@ -376,16 +396,26 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                 for launch, kernel in kernels.items():
                     # The kernel's rows are BLOCK_M for queries, BLOCK_N for dK/dV's keys.
                     rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
-                    for label, tile_launch, narrow, windowed in _variants(launch):
+                    # The forward takes TMA where the table says so, and the pointer path for K / V rows
+                    # that are not 16-byte aligned.
+                    tma_options = (False, True) if launch == "fwd" and uses_tma(table, es) else (False,)
+                    for (label, tile_launch, narrow, windowed), tma in itertools.product(
+                        _variants(launch), tma_options
+                    ):
                         tile = table[tile_launch, bd, es, narrow]
+                        extra = {"USE_TMA": tma} if launch == "fwd" else {}
                         out.append(AuditConfig(
                             kernel=kernel,
-                            label=f"{launch} {label} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",
+                            label=f"{launch} {label}{' tma' * tma} {dtype} D={d} {rows}={tile.block_m} "
+                                  f"{cols}={tile.block_n}",
                             signature=sig(kernel, ptrs),
-                            constexprs={**base, "WINDOWED": windowed, rows: tile.block_m, cols: tile.block_n},
+                            constexprs={**base, **extra, "WINDOWED": windowed, rows: tile.block_m,
+                                        cols: tile.block_n},
                             num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True,
                             archs=(arch,),
                             expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
+                            expect_tma=tma,
+                            max_regs=fwd_max_regs(table, d, es, tile) if launch == "fwd" else None,
                             sample=sampled and label == "global",
                         ))  # fmt: skip
                 # The windowed backward's per-window kernel where the table ships it: the wide key tile

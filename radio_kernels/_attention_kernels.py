@@ -30,6 +30,9 @@ Tiling (the launch plan is ``_attention_plan``; it is also what the static model
   contract over D (q k^T, do v^T) need K >= 16 and read chunk 1 DC1 = max(D1, 16) wide (masked);
   products whose output is D wide (p v, p^T do, ds^T q, ds k) use D1 exactly. No tile is padded
   to the next power of two.
+- USE_TMA (Hopper, 16-bit, 16-byte aligned rows): the forward's full K / V blocks load through
+  tensor descriptors (the tensor-memory accelerator), which zero-fill past HEAD_D; masked blocks and
+  every other path load through pointers.
 - Windowed forward: the prefix queries, which see all N keys, do not get a pass of their own over
   K and V. Each window's segment starts with ceil(P / 16) * 16 virtual rows that hold the prefix
   queries: they ride in the window's first tile, walk its keys with its rows, and their partial
@@ -121,13 +124,35 @@ def _bh_offsets(H):
 # forward
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _fwd_update(acc0, acc1, l_i, m_i, s, v0, v1, qk_scale, MASKED: tl.constexpr, D1: tl.constexpr):
+    """One online-softmax step: fold scores s (rows x keys, -inf where masked) and the keys' values
+    (v0, v1: the two head-dim chunks) into (acc0, acc1, l_i, m_i)."""
+    if MASKED:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # A row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_shift = m_new
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+    if D1 > 0:
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit
 def _fwd_keys(
     acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale, row_sees,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of (acc0, acc1, l_i, m_i) with the key blocks starting in [lo, hi).
-    With ROW_MASK (masked blocks only), rows where ``row_sees`` is false see none of these keys."""
+    """Online-softmax update of (acc0, acc1, l_i, m_i) with the key blocks starting in [lo, hi),
+    loaded through pointers. With ROW_MASK (masked blocks only), rows where ``row_sees`` is false
+    see none of these keys."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -141,35 +166,68 @@ def _fwd_keys(
             if ROW_MASK:
                 visible = visible & row_sees[:, None]
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            # A row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_shift = m_new
-        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v0 = _load_rows(V, cols, stride_vn, hi, 0, D0, HEAD_D, MASKED)
-        p = p.to(v0.dtype)
-        acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
         if D1 > 0:
             v1 = _load_rows(V, cols, stride_vn, hi, D0, D1, HEAD_D, MASKED)
-            acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
-        m_i = m_new
+        else:
+            v1 = v0  # unused
+        acc0, acc1, l_i, m_i = _fwd_update(acc0, acc1, l_i, m_i, s, v0, v1, qk_scale, MASKED, D1)
     return acc0, acc1, l_i, m_i
 
 
 @triton.jit
+def _fwd_keys_tma(
+    acc0, acc1, l_i, m_i, q0, q1, kd0, kd1, vd0, vd1, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """``_fwd_keys`` over full (unmasked) key blocks, loaded by the tensor-memory accelerator through
+    the descriptors of the head's K and V chunks (``_kv_descriptors``)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        s = tl.dot(q0, tl.trans(kd0.load([start_n, 0])))
+        if DC1 > 0:
+            s = tl.dot(q1, tl.trans(kd1.load([start_n, D0])), s)
+        v0 = vd0.load([start_n, 0])
+        if D1 > 0:
+            v1 = vd1.load([start_n, D0])
+        else:
+            v1 = v0  # unused
+        acc0, acc1, l_i, m_i = _fwd_update(acc0, acc1, l_i, m_i, s, v0, v1, qk_scale, False, D1)
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit
+def _kv_descriptors(
+    Kh, Vh, N, stride_kn, stride_vn,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Tensor descriptors of one head's K and V (N x HEAD_D, zero-filled past HEAD_D): the chunk-0
+    blocks (BLOCK_N, D0), K's chunk 1 at its contraction width DC1 and V's at its exact width D1."""
+    kd0 = tl.make_tensor_descriptor(Kh, shape=[N, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, D0])
+    vd0 = tl.make_tensor_descriptor(Vh, shape=[N, HEAD_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, D0])
+    if DC1 > 0:
+        kd1 = tl.make_tensor_descriptor(Kh, shape=[N, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, DC1])
+        vd1 = tl.make_tensor_descriptor(Vh, shape=[N, HEAD_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, D1])
+    else:
+        kd1 = kd0  # unused
+        vd1 = vd0
+    return kd0, kd1, vd0, vd1
+
+
+@triton.jit
 def _fwd_range(
-    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale, kd0, kd1, vd0, vd1,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
-    """Keys [lo, hi): full BLOCK_N blocks unmasked, the rest in masked BLOCK_S blocks."""
+    """Keys [lo, hi): full BLOCK_N blocks unmasked (through the descriptors with USE_TMA), the rest
+    in masked BLOCK_S blocks."""
     full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-    acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, full,
-                                     qk_scale, l_i, False, BLOCK_N, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+    if USE_TMA:
+        acc0, acc1, l_i, m_i = _fwd_keys_tma(acc0, acc1, l_i, m_i, q0, q1, kd0, kd1, vd0, vd1, lo, full, qk_scale,
+                                             BLOCK_N, D0, D1, DC1)  # fmt: skip
+    else:
+        acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, full,
+                                         qk_scale, l_i, False, BLOCK_N, False, HEAD_D, D0, D1, DC1)  # fmt: skip
     return _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, full, hi,
                      qk_scale, l_i, True, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
 
@@ -198,7 +256,7 @@ def attn_fwd_kernel(
     H, N, P, row_base, seg_len, seg_offset, tiles_per_seg, n_seg, qk_scale,
     WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, DC1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """One program: queries of one BLOCK_M tile of one segment (see the module docstring) of
     batch*head pid1.
@@ -233,6 +291,10 @@ def attn_fwd_kernel(
     Vh = V + b * stride_vb + h * stride_vh
 
     q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, row_ok, BLOCK_M, HEAD_D, D0, D1, DC1)
+    if USE_TMA:
+        kd0, kd1, vd0, vd1 = _kv_descriptors(Kh, Vh, N, stride_kn, stride_vn, BLOCK_N, HEAD_D, D0, D1, DC1)
+    else:
+        kd0, kd1, vd0, vd1 = Kh, Kh, Vh, Vh  # unused
     if WINDOWED:
         # Prefix keys: in masked BLOCK_S blocks; folded prefix rows skip them.
         for start_n in range(0, P, BLOCK_S):
@@ -240,11 +302,12 @@ def attn_fwd_kernel(
                                              start_n, tl.minimum(start_n + BLOCK_S, P), qk_scale, ~is_pre,
                                              True, BLOCK_S, True, HEAD_D, D0, D1, DC1)  # fmt: skip
         acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn,
-                                          seg_start, seg_end, qk_scale, BLOCK_N, BLOCK_S,
-                                          HEAD_D, D0, D1, DC1)  # fmt: skip
+                                          seg_start, seg_end, qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S,
+                                          USE_TMA, HEAD_D, D0, D1, DC1)  # fmt: skip
     else:
         acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, N,
-                                          qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+                                          qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S, USE_TMA,
+                                          HEAD_D, D0, D1, DC1)  # fmt: skip
 
     # Rows past the segment saw only zeros (l > 0, finite); they are not stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -283,9 +346,10 @@ def attn_fwd_prefix_combine_kernel(
     rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     Qh = Q + b * stride_qb + h * stride_qh
     q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, rows < P, BLOCK_S, HEAD_D, D0, D1, DC1)
-    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, K + b * stride_kb + h * stride_kh,
-                                      V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, 0, P, qk_scale,
-                                      BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, P, qk_scale,
+                                      Kh, Kh, Vh, Vh, BLOCK_N, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
     # Every row < P saw a prefix key, so m_i is finite there; rows >= P read zeros and are not stored.
     row_ok = rows < P
     for seg in range(0, n_seg):

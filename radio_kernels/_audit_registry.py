@@ -20,7 +20,8 @@ module of the ``radio_kernels`` package and collects these lists; nothing else t
 ``archs`` lists the architectures the wrapper launches the entry on (a per-arch tile table gives
 one entry per arch; the audit merges entries that compile to the same binary, see
 :func:`merge_duplicates`). ``expect_wgmma=True`` makes the audit fail unless the sm_90 SASS uses
-HGMMA (and the sm_100 SASS tcgen05's UTCHMMA); ``sample=True`` puts the entry in the quick ``--sample`` subset.
+HGMMA (and the sm_100 SASS tcgen05's UTCHMMA), ``expect_tma=True`` unless the SASS loads through
+the tensor-memory accelerator (UTMALDG); ``sample=True`` puts the entry in the quick ``--sample`` subset.
 
 Conventions that mirror what the JIT sees at launch: pointers are marked 16-byte aligned (every
 torch allocation is); integer arguments are ``i32`` unless a config says otherwise; an argument a
@@ -55,6 +56,8 @@ class AuditConfig:
     aligned: tuple[str, ...] = field(default=())  # extra i32 arguments known to be multiples of 16
     archs: tuple[int, ...] = ARCHS  # the architectures a host wrapper launches this config on
     expect_wgmma: bool = False  # fail unless the SASS uses the async tensor cores (sm_90 HGMMA, sm_100 tcgen05)
+    expect_tma: bool = False  # fail unless the sm_90+ SASS loads through the tensor-memory accelerator (UTMALDG)
+    max_regs: int | None = None  # the launch's ``maxnreg`` (registers per thread ptxas may use)
     sample: bool = False  # compiled by ``--sample`` (kernels flagging none: their first and last)
 
     @property
@@ -71,6 +74,7 @@ class AuditConfig:
             self.num_warps,
             self.num_stages,
             tuple(sorted(self.aligned)),
+            self.max_regs,
         )
 
 
@@ -93,6 +97,7 @@ def merge_duplicates(configs: list[AuditConfig]) -> list[AuditConfig]:
             archs=tuple(a for a in ARCHS if a in prev.archs or a in cfg.archs),
             uses_dot=prev.uses_dot or cfg.uses_dot,
             expect_wgmma=prev.expect_wgmma or cfg.expect_wgmma,
+            expect_tma=prev.expect_tma or cfg.expect_tma,
             sample=prev.sample or cfg.sample,
         )
     return list(merged.values())

@@ -62,9 +62,11 @@ def attn_varlen_fwd_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Q + b * stride_qb + h * stride_qh, stride_qn, rows < seq_end,
                                              BLOCK_M, HEAD_D, D0, D1, DC1)  # fmt: skip
-    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, K + b * stride_kb + h * stride_kh,
-                                      V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, seq_start, seq_end,
-                                      qk_scale, BLOCK_N, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, seq_start,
+                                      seq_end, qk_scale, Kh, Kh, Vh, Vh, BLOCK_N, BLOCK_S, False,
+                                      HEAD_D, D0, D1, DC1)  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     Oh = O + b * stride_ob + h * stride_oh
     _store_rows(Oh, rows, stride_on, rows < seq_end, acc0 / l_safe[:, None], 0, D0, HEAD_D)

@@ -213,6 +213,33 @@ def _segment_args(launch: plan.Launch) -> tuple[int, int, int, int]:
     return launch.row_base, launch.seg_len, launch.seg_offset, launch.tiles_per_seg
 
 
+def _max_regs(value: int | None) -> dict:
+    return {} if value is None else {"maxnreg": value}
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether K / V rows suit tensor descriptors (16-byte aligned bases and (B, H, N) strides), and, on
+    a GPU, Triton has an allocator for the descriptors' workspace (one backed by torch is installed in
+    this thread's context when none is set; with an unknown Triton the pointer path runs)."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in _strides(t)):
+            return False
+    if interpreter_enabled() or not tensors[0].is_cuda:
+        return True
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return False
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None:
+        return False
+    if isinstance(current.get(), null):
+        device = tensors[0].device
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    return True
+
+
 def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float):
     """Run the forward plan; returns (out (B, H, N, D) stored (B, N, H, D), lse2 (B*H, N) fp32)."""
     B, H, N, D = q.shape
@@ -227,6 +254,8 @@ def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float
     part_acc = _empty((B * H, n_seg, num_prefix, D) if folded else (1,), torch.float32, q.device)
     part_ml = _empty((B * H, n_seg, 2, num_prefix) if folded else (1,), torch.float32, q.device)
     common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=unit)
+    table = configs.active_table()
+    use_tma = configs.uses_tma(table, q.element_size()) and _tma_ready(k, v)
     for launch in launches:
         tile = launch.tile
         if launch.kernel == "combine":
@@ -237,8 +266,9 @@ def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float
             continue
         attn_fwd_kernel[(launch.programs, B * H)](
             q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, *_segment_args(launch), n_seg,
-            scale * LOG2E, WINDOWED=launch.windowed, BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            scale * LOG2E, WINDOWED=launch.windowed, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            USE_TMA=use_tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            **_max_regs(configs.fwd_max_regs(table, D, q.element_size(), tile)),
         )  # fmt: skip
     return out, lse
 

@@ -75,6 +75,7 @@ class AuditResult:
     shared: int | None = None
     tensor_cores: str = "-"
     expect_wgmma: bool = False
+    expect_tma: bool = False
     error: str | None = None
 
     @property
@@ -89,6 +90,8 @@ class AuditResult:
         want = ASYNC_MMA.get(self.arch)
         if self.expect_wgmma and want and want not in self.tensor_cores.split("+"):
             out.append(f"no {want} on sm_{self.arch} (tensor cores: {self.tensor_cores})")
+        if self.expect_tma and self.arch >= 90 and "UTMALDG" not in self.tensor_cores.split("+"):
+            out.append(f"no TMA load (UTMALDG) on sm_{self.arch}")
         return out
 
 
@@ -171,20 +174,21 @@ def _compile_with_ptxas_log(src, arch: int, options: dict) -> tuple[object, str]
 
 def _tensor_core_ops(compiled, arch: int, workdir: str) -> str:
     """Tensor-core instructions in the SASS from sm_90 on: HGMMA (wgmma), UTCHMMA (tcgen05, sm_100),
-    HMMA (mma.sync); on older archs HMMA iff the PTX has mma.sync."""
+    HMMA (mma.sync), and UTMALDG (a load by the tensor-memory accelerator); on older archs HMMA iff
+    the PTX has mma.sync."""
     if arch < 90:
         return "HMMA" if "mma.sync" in compiled.asm["ptx"] else "none"
     path = os.path.join(workdir, "kernel.cubin")
     Path(path).write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-    found = [op for op in ("HGMMA", "UTCHMMA", "HMMA") if re.search(rf"\b{op}\b", sass)]
+    found = [op for op in ("HGMMA", "UTCHMMA", "HMMA", "UTMALDG") if re.search(rf"\b{op}\b", sass)]
     return "+".join(found) if found else "none"
 
 
 def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     import triton
 
-    result = AuditResult(cfg.name, cfg.label, arch, expect_wgmma=cfg.expect_wgmma)
+    result = AuditResult(cfg.name, cfg.label, arch, expect_wgmma=cfg.expect_wgmma, expect_tma=cfg.expect_tma)
     # Pointers are 16-byte aligned (torch allocations); so are integers the config marks aligned.
     names = list(cfg.signature)
     attrs = {
@@ -195,6 +199,8 @@ def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     try:
         src = triton.compiler.ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if cfg.max_regs:
+            options["maxnreg"] = cfg.max_regs
         compiled, log = _compile_with_ptxas_log(src, arch, options)
         stats = _parse_ptxas_log(log) if log else _ptxas_stats(compiled.asm["ptx"], arch, workdir)
     except Exception as exc:  # report every failure in the table rather than stopping
@@ -204,7 +210,7 @@ def audit_one(cfg: AuditConfig, arch: int, workdir: str) -> AuditResult:
     result.spill_stores, result.spill_loads = stats["spill_stores"], stats["spill_loads"]
     result.stack = stats["stack"]
     result.shared = compiled.metadata.shared
-    if cfg.uses_dot or cfg.expect_wgmma:
+    if cfg.uses_dot or cfg.expect_wgmma or cfg.expect_tma:
         result.tensor_cores = _tensor_core_ops(compiled, arch, workdir)
     return result
 
@@ -344,11 +350,15 @@ def _print_plan(as_json: bool) -> int:
 
     rows = perf_model.plan_rows()
     failures = perf_model.threshold_failures(rows)
+    facts = perf_model.compiled_facts(jobs=default_jobs())
+    failures += [f"{f['kernel']} {f['config']}: {f['error'] or 'spills'}" for f in facts if f["error"] or f["spills"]]
     if as_json:
-        print(json.dumps({"rows": rows, "failures": failures}, indent=1))
+        print(json.dumps({"rows": rows, "compiled_sm90": facts, "failures": failures}, indent=1))
     else:
         print("Static model of the attention launch plan on the sm_90 tiles (not a measurement):")
         print(perf_model.format_plan(rows))
+        print("\nThe sm_90 configurations these plans launch (bf16, compiled here; blocks/SM from registers, shared):")
+        print(perf_model.format_facts(facts))
         print("\n" + ("\n".join(f"OVER LIMIT: {f}" for f in failures) if failures else "all limits met"))
     return 1 if failures else 0
 

@@ -18,7 +18,8 @@ steps), the objects ``attention.py`` launches, on the sm_90 (Hopper) tile table:
   read in fp32. Minimum: every input read once, every output written once.
 
 This is a model, not a measurement: it shows where work and traffic go, not how fast a GPU runs
-it. ``python -m radio_kernels.audit --plan`` prints it.
+it. ``python -m radio_kernels.audit --plan`` prints it, with the compiled facts (registers, shared
+memory, blocks per SM, HGMMA, TMA) of every sm_90 kernel configuration the problems launch.
 """
 
 from __future__ import annotations
@@ -220,6 +221,105 @@ def format_plan(rows: list[dict]) -> str:
         lines.append((r["problem"], r["pass_"], str(r["n"]), str(r["head_dim"]), str(r["launches"]),
                       f"{r['useful_tflop']:.2f}", f"{r['mma_ratio']:.3f}", f"{r['min_mb']:.0f}",
                       f"{r['bytes_ratio']:.3f}", r["tiles"]))  # fmt: skip
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+# ----------------------------------------------------------------------------------------
+# compiled facts of the configurations the problems launch (sm_90)
+# ----------------------------------------------------------------------------------------
+KERNEL_NAMES = {"fwd": "attn_fwd_kernel", "combine": "attn_fwd_prefix_combine_kernel", "dq": "attn_bwd_dq_kernel",
+                "dkdv": "attn_bwd_dkdv_kernel", "window": "attn_bwd_window_kernel"}  # fmt: skip
+
+
+def launch_constexprs(launch: Launch, launches: list[Launch], head_dim: int, use_tma: bool) -> dict:
+    """The constexprs ``attention.py`` passes for ``launch`` (one of ``launches``, the plan of a pass)."""
+    from ._attention_plan import chunk_constexprs
+
+    out = dict(**chunk_constexprs(head_dim), BLOCK_S=SMALL)
+    tile = launch.tile
+    if launch.kernel == "combine":
+        return out | {"BLOCK_N": tile.block_n}
+    rows, cols = ("BLOCK_N", "BLOCK_M") if launch.kernel in ("dkdv", "window") else ("BLOCK_M", "BLOCK_N")
+    out |= {rows: tile.block_m, cols: tile.block_n}
+    if launch.kernel == "window":
+        return out | {"FINISH": launch is [x for x in launches if x.kernel == "window"][-1]}
+    out["WINDOWED"] = launch.windowed
+    if launch.kernel == "fwd":
+        out["USE_TMA"] = use_tma
+    return out
+
+
+def blocks_per_sm(regs: int, shared: int, num_warps: int) -> int:
+    """Resident blocks per sm_90 SM: 64K registers (allocated per warp in units of 256), 228 KB of shared
+    memory (1 KB reserved per block), at most 64 warps and 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_shared = (228 * 1024) // (shared + 1024)
+    return max(0, min(by_regs, by_shared, 64 // num_warps, 32))
+
+
+def compiled_facts(jobs: int = 2) -> list[dict]:
+    """Compile (sm_90, bf16) every configuration the problems' plans launch; one dict per configuration."""
+    import concurrent.futures
+    import multiprocessing
+
+    from .audit import collect_configs
+
+    registry = [c for c in collect_configs(["attn"]) if 90 in c.archs and c.signature.get("Q") == "*bf16"]
+    wanted: dict[int, object] = {}
+    used_by: dict[int, set[str]] = {}
+    for prob in PROBLEMS:
+        n, t, d = prob.n, prob.window_tokens, prob.head_dim
+        for launches in (forward_plan(n, PREFIX, t, d, 2, configs.HOPPER_TABLE),
+                         backward_plan(n, PREFIX, t, d, 2, configs.HOPPER_TABLE)):  # fmt: skip
+            for launch in launches:
+                want = launch_constexprs(launch, launches, d, configs.uses_tma(configs.HOPPER_TABLE, 2))
+                options = (launch.tile.num_warps, launch.tile.num_stages)
+                regs_cap = (
+                    configs.fwd_max_regs(configs.HOPPER_TABLE, d, 2, launch.tile) if launch.kernel == "fwd" else None
+                )
+                match = [i for i, c in enumerate(registry) if c.name == KERNEL_NAMES[launch.kernel]
+                         and all(c.constexprs.get(k) == v for k, v in want.items())
+                         and (c.num_warps, c.num_stages) == options and c.max_regs == regs_cap]  # fmt: skip
+                if len(match) != 1:
+                    raise RuntimeError(f"{prob.name}: {launch} matches {len(match)} audited configurations")
+                wanted[match[0]] = registry[match[0]]
+                used_by.setdefault(match[0], set()).add(prob.name)
+
+    from . import audit
+
+    order = sorted(wanted)
+    audit._CONFIGS[:] = [registry[i] for i in order]  # the audit's forked workers read them from there
+    work = [(i, 90) for i in range(len(order))]
+    if jobs > 1 and len(work) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            results = list(pool.map(audit._audit_job, work))
+    else:
+        results = [audit._audit_job(job) for job in work]
+    out = []
+    for index, r in zip(order, results):
+        cfg = registry[index]
+        ops = r.tensor_cores.split("+")
+        out.append(dict(
+            kernel=r.kernel, config=r.label.split(" | ")[0], regs=r.regs, shared_kb=(r.shared or 0) / 1024,
+            spills=(r.spill_stores or 0) + (r.spill_loads or 0), num_warps=cfg.num_warps,
+            blocks_per_sm=blocks_per_sm(r.regs or 255, r.shared or 0, cfg.num_warps) if not r.error else 0,
+            hgmma="HGMMA" in ops, tma="UTMALDG" in ops, error=r.error, problems=len(used_by[index]),
+        ))  # fmt: skip
+    return out
+
+
+def format_facts(facts: list[dict]) -> str:
+    head = ("kernel", "config", "regs", "shared KB", "blocks/SM", "HGMMA", "TMA", "spills", "problems")
+    lines = [head]
+    for f in facts:
+        lines.append((f["kernel"], f["config"], str(f["regs"]), f"{f['shared_kb']:.1f}", str(f["blocks_per_sm"]),
+                      "yes" if f["hgmma"] else "no", "yes" if f["tma"] else "no", str(f["spills"]),
+                      str(f["problems"])))  # fmt: skip
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

@@ -300,3 +300,27 @@ def test_bad_arguments(kwargs, match):
 @pytest.mark.parametrize("D, P, T", [(64, 10, 64), (72, 10, 144), (80, 0, 0), (128, 10, 256)])
 def test_bfloat16_on_gpu(D, P, T):
     check_against_reference(2, 4, P + 2 * max(T, 100), D, P, T, torch.bfloat16, packed=True)
+
+
+# ----------------------------------------------------------------------------------------
+# the tensor-descriptor (TMA) path of the forward
+# ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(CUDA, reason="compares the two load paths under the interpreter")
+@pytest.mark.parametrize("N, P, T, D", [(150, 0, 0, 80), (10 + 2 * 144, 10, 144, 72), (4 + 3 * 36, 4, 36, 64)])
+def test_forward_tma_and_pointer_paths_agree(N, P, T, D):
+    """Full key blocks through tensor descriptors (zero-filled past D) give the pointer path's output
+    bit for bit, on the Hopper tiles (TMA on) and the Ampere ones (pointer path)."""
+    _, (q, k, v) = make_qkv(1, 2, N, D, torch.float16, packed=True)
+    outs = []
+    for tma in (True, False):
+        with mock.patch.object(configs, "uses_tma", lambda table, es, tma=tma: tma):
+            outs.append(attention(q, k, v, num_prefix=P, window_tokens=T, backend="triton"))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_tma_needs_16_byte_aligned_rows():
+    _, (q, k, v) = make_qkv(1, 2, 40, 72, torch.float16, packed=True)  # row stride 3 * 2 * 72 * 2 B
+    assert attention_module._tma_ready(k, v)
+    _, (q, k, v) = make_qkv(1, 2, 40, 20, torch.float16, packed=True)  # head stride 40 B
+    assert not attention_module._tma_ready(k, v)
+    assert not attention_module._tma_ready(torch.empty(2, 3, 40, 64, dtype=torch.float16)[..., 1:-7])
