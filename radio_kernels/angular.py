@@ -19,7 +19,7 @@ Gradient (per row; e = x^ - y^, f = x^ + y^, M = ||e||^2, P = ||f||^2, m = sqrt(
 (k_m = k_p = 0 when M or P is clamped at 2**-40; both finite elsewhere since Theta ~ m near 0.)
 
 Kernel plan (``loss_plan.angular_plan``), like ``mesa``: for C <= 4096 each program holds its rows
-whole in registers (one warp owning whole rows for C <= 2048, two warps per row above) and reads
+whole in registers (one warp owning whole rows for C <= 1024, 2-4 warps per row above) and reads
 each input element once; wider rows take three sweeps over C in BLOCK_C chunks, re-reading the row
 from L1/L2. The steps: (1) scaled sums of squares (LAPACK nrm2 style: running max |x| and
 sum (x / max)^2, so 1e-30 and 1e30 rows neither underflow nor overflow), (2) M, P, x^.e and x^.f,

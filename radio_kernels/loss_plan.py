@@ -33,9 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Elements of one input that one thread of the main kernels holds per tile: the register budget
-# (s and t in fp32 plus the LayerNorm-normalised s and d alive until the gradient is formed).
-ELEMS_PER_THREAD = 64
+# Elements of one input that one thread of the register-resident kernels holds per tile: the register
+# budget. MESA keeps s and t in fp32 plus the normalised s and d until the gradient is formed (64 per
+# lane: 150-230 registers on sm_80..sm_120, no spills); angular keeps x, y, x^, y^ and the chords, twice
+# that live state (64 per lane spilled on sm_90, so 32).
+MESA_ELEMS_PER_THREAD = 64
+ANGULAR_ELEMS_PER_THREAD = 32
 THREADS_PER_WARP = 32
 # Register-resident plans cover C up to this many channels; wider rows take the chunked fallback.
 MAX_RESIDENT_C = 4096
@@ -79,37 +82,40 @@ class KernelPlan:
         return -(-n_rows // self.block_r)
 
 
-def _resident_or_chunked(C: int) -> KernelPlan:
+def _resident_or_chunked(C: int, elems_per_thread: int) -> KernelPlan:
     """MESA / angular: register-resident rows when C fits, else the 3-sweep chunked kernel.
 
-    Resident: ``block_r * block_c`` = ``ELEMS_PER_THREAD`` elements per thread, so C <= 2048 gives
-    one-warp programs (a warp owns whole rows: every row reduction is warp shuffles, no shared
-    memory, no barrier) and C in (2048, 4096] two-warp programs owning one row (a 4096-channel row
-    of s and t in fp32 is 256 values per lane of a single warp: it would spill).
+    Resident: ``elems_per_thread`` elements of each input per lane; rows of up to 32 x that many
+    channels get one-warp programs owning whole rows (every row reduction is warp shuffles: no shared
+    memory, no barrier), wider rows one program of several warps per row.
     """
     if C > MAX_RESIDENT_C:
         return KernelPlan(block_r=1, block_c=CHUNK_C, num_warps=CHUNK_WARPS, resident=False, passes=3)
     block_c = next(b for b in RESIDENT_BLOCK_C if b >= C)
-    tile = ELEMS_PER_THREAD * THREADS_PER_WARP
+    tile = elems_per_thread * THREADS_PER_WARP
     block_r = max(1, tile // block_c)
     num_warps = max(1, block_r * block_c // tile)
     return KernelPlan(block_r=block_r, block_c=block_c, num_warps=num_warps, resident=True, passes=1)
 
 
 def mesa_plan(C: int) -> KernelPlan:
-    return _resident_or_chunked(C)
+    """C <= 2048 (the paper's 1280): one warp per row (or rows); C in (2048, 4096]: two warps per row
+    (a 4096-channel row of s and t in fp32 is 256 values per lane of one warp: it would spill)."""
+    return _resident_or_chunked(C, MESA_ELEMS_PER_THREAD)
 
 
 def angular_plan(C: int) -> KernelPlan:
-    return _resident_or_chunked(C)
+    """C <= 1024: one warp per row (or rows); the paper's 1152 / 1536 two warps per row, 4096 four."""
+    return _resident_or_chunked(C, ANGULAR_ELEMS_PER_THREAD)
 
 
 def shifted_mse_plan(C: int) -> KernelPlan:
-    """One sweep over C in chunks (each element loaded once; no row statistics to keep)."""
+    """One sweep over C in chunks: each element is loaded once and no row statistic has to outlive its
+    chunk (squares are accumulated elementwise and reduced once per program), so there is nothing to
+    hold in registers and no per-row reduction: no register-resident layout needed."""
     block_c = 16 if C <= 16 else 64 if C <= 64 else 256
-    return KernelPlan(
-        block_r=SHIFTED_TILE // block_c, block_c=block_c, num_warps=SHIFTED_WARPS, resident=C <= block_c, passes=1
-    )
+    block_r = SHIFTED_TILE // block_c
+    return KernelPlan(block_r=block_r, block_c=block_c, num_warps=SHIFTED_WARPS, resident=False, passes=1)
 
 
 PLANS = {"shifted_mse": shifted_mse_plan, "mesa_loss": mesa_plan, "angular_loss": angular_plan}

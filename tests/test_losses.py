@@ -70,7 +70,8 @@ PLAN_NAMES = {smse_mod: "shifted_mse_plan", mesa_mod: "mesa_plan", angular_mod: 
 def small_blocks(module, block_r, block_c):
     """Force tiny chunked tiles so that small C still takes several trips through the channel loops
     (for MESA and angular: the 3-sweep fallback that C > 4096 takes)."""
-    plan = KernelPlan(block_r=block_r, block_c=block_c, num_warps=4, resident=False, passes=1 if module is smse_mod else 3)
+    passes = 1 if module is smse_mod else 3
+    plan = KernelPlan(block_r=block_r, block_c=block_c, num_warps=4, resident=False, passes=passes)
     return mock.patch.object(module, PLAN_NAMES[module], lambda C: plan)
 
 
@@ -441,12 +442,3 @@ def test_float16_gradients_do_not_overflow_in_the_summed_store():
     assert torch.isfinite(a.grad).all()
     torch.testing.assert_close(a.grad.float(), torch.full_like(a.grad, 2 * 40000.0 / 16, dtype=torch.float32))
     assert a.grad.dtype == torch.float16
-
-
-def test_losses_are_once_differentiable():
-    """Double backward through a kernel's stored gradient would be silently wrong: it raises instead."""
-    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
-    loss = angular_loss(x, torch.randn(3, 8, device=DEVICE), 1.0, backend="triton")
-    (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
