@@ -35,10 +35,13 @@ from dataclasses import dataclass
 
 # Elements of one input that one thread of the register-resident kernels holds per tile: the register
 # budget. MESA keeps s and t in fp32 plus the normalised s and d until the gradient is formed (64 per
-# lane: 150-230 registers on sm_80..sm_120, no spills); angular keeps x, y, x^, y^ and the chords, twice
-# that live state (64 per lane spilled on sm_90, so 32).
+# lane: ~100-220 registers on sm_80..sm_120, no spills); angular keeps x, y, x^, y^ and the chords, twice
+# that live state (64 per lane spilled on sm_90, so 32). A row wider than one warp's share is split
+# over several warps at SPLIT_ELEMS_PER_THREAD per lane (MESA at 64 per lane over two warps reached
+# 255 registers on sm_100: too close to spilling).
 MESA_ELEMS_PER_THREAD = 64
 ANGULAR_ELEMS_PER_THREAD = 32
+SPLIT_ELEMS_PER_THREAD = 32
 THREADS_PER_WARP = 32
 # Register-resident plans cover C up to this many channels; wider rows take the chunked fallback.
 MAX_RESIDENT_C = 4096
@@ -93,13 +96,14 @@ def _resident_or_chunked(C: int, elems_per_thread: int) -> KernelPlan:
         return KernelPlan(block_r=1, block_c=CHUNK_C, num_warps=CHUNK_WARPS, resident=False, passes=3)
     block_c = next(b for b in RESIDENT_BLOCK_C if b >= C)
     tile = elems_per_thread * THREADS_PER_WARP
-    block_r = max(1, tile // block_c)
-    num_warps = max(1, block_r * block_c // tile)
-    return KernelPlan(block_r=block_r, block_c=block_c, num_warps=num_warps, resident=True, passes=1)
+    if block_c <= tile:  # one warp, whole rows
+        return KernelPlan(block_r=tile // block_c, block_c=block_c, num_warps=1, resident=True, passes=1)
+    num_warps = block_c // (SPLIT_ELEMS_PER_THREAD * THREADS_PER_WARP)
+    return KernelPlan(block_r=1, block_c=block_c, num_warps=num_warps, resident=True, passes=1)
 
 
 def mesa_plan(C: int) -> KernelPlan:
-    """C <= 2048 (the paper's 1280): one warp per row (or rows); C in (2048, 4096]: two warps per row
+    """C <= 2048 (the paper's 1280): one warp per row (or rows); C in (2048, 4096]: four warps per row
     (a 4096-channel row of s and t in fp32 is 256 values per lane of one warp: it would spill)."""
     return _resident_or_chunked(C, MESA_ELEMS_PER_THREAD)
 
@@ -110,9 +114,8 @@ def angular_plan(C: int) -> KernelPlan:
 
 
 def shifted_mse_plan(C: int) -> KernelPlan:
-    """One sweep over C in chunks: each element is loaded once and no row statistic has to outlive its
-    chunk (squares are accumulated elementwise and reduced once per program), so there is nothing to
-    hold in registers and no per-row reduction: no register-resident layout needed."""
+    """One sweep over C in chunks: each element is loaded once and only a running sum of squares per
+    row outlives its chunk, so there is nothing to hold in registers: no register-resident layout needed."""
     block_c = 16 if C <= 16 else 64 if C <= 64 else 256
     block_r = SHIFTED_TILE // block_c
     return KernelPlan(block_r=block_r, block_c=block_c, num_warps=SHIFTED_WARPS, resident=False, passes=1)

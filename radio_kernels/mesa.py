@@ -16,7 +16,7 @@ Kernel plan (``loss_plan.mesa_plan``), one fused kernel in two layouts:
   deviations from the exact mean, no E[x^2] - E[x]^2 cancellation), d, the three row sums and the
   gradient all come from registers, then one gradient write. For C <= 2048 a program is one warp
   owning whole rows, so every row reduction is warp shuffles (no shared memory, no barrier); for
-  C in (2048, 4096] two warps own one row (a single warp would need 256 fp32 registers per lane).
+  C in (2048, 4096] four warps own one row (a single warp would need 256 fp32 registers per lane).
 * chunked fallback (C > 4096): one row per 4-warp program, three sweeps over C in BLOCK_C chunks:
   (1) mean and variance (per-chunk statistics merged with Chan's formula), (2) sum d^2 and the two
   row means the LayerNorm backward needs, (3) the gradient. Sweeps 2 and 3 re-read the row, which

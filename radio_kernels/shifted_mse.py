@@ -64,27 +64,36 @@ def shifted_cells(
     j = rows % Ws
     i = (rows // Ws) % Hs
     b = tl.where(in_range, rows // (Ws * Hs), 0)  # keeps the shift gather in bounds
-    ti = i.to(tl.int64)
-    tj = j.to(tl.int64)
+    dy = tl.zeros_like(i)
+    dx = tl.zeros_like(j)
     valid = in_range
     if HAS_SHIFT:
-        ti += tl.load(shift_ptr + b * shift_sb, mask=in_range, other=0).to(tl.int64)
-        tj += tl.load(shift_ptr + b * shift_sb + shift_sk, mask=in_range, other=0).to(tl.int64)
-        valid = in_range & (ti >= 0) & (ti < Ht) & (tj >= 0) & (tj < Wt)
+        # Clamped to [-Hs, Ht] x [-Ws, Wt] (beyond, Omega_b is empty either way), so int32 holds them
+        # and the bounds tests below cannot overflow: the index math stays 32-bit (fewer registers).
+        dy = tl.load(shift_ptr + b * shift_sb, mask=in_range, other=0)
+        dx = tl.load(shift_ptr + b * shift_sb + shift_sk, mask=in_range, other=0)
+        dy = tl.minimum(tl.maximum(dy, -Hs), Ht).to(tl.int32)
+        dx = tl.minimum(tl.maximum(dx, -Ws), Wt).to(tl.int32)
+        valid = in_range & (dy >= -i) & (dy < Ht - i) & (dx >= -j) & (dx < Wt - j)
     b64 = b.to(tl.int64)
     s_off = b64 * s_sb + i.to(tl.int64) * s_sh + j.to(tl.int64) * s_sw
     # Off Omega the target offset is garbage; every load through it is masked by `valid`.
-    t_off = b64 * t_sb + ti * t_sh + tj * t_sw
+    t_off = b64 * t_sb + (i.to(tl.int64) + dy) * t_sh + (j.to(tl.int64) + dx) * t_sw
     return s_off, t_off, valid, in_range
 
 
 @triton.jit
+def store_count(work_ptr, valid):
+    """Program p's count of cells in Omega at work[n_programs + p] (a float32 integer <= BLOCK_R,
+    exact), read back by ``_loss_finish_kernel``; stored first so that ``valid`` need not outlive the loads."""
+    tl.store(work_ptr + tl.num_programs(0) + tl.program_id(0), tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
 def store_partials(work_ptr, total, valid):
-    """Program p's partial sum at work[p] and its count of cells in Omega at work[n_programs + p]
-    (a float32 integer <= BLOCK_R, exact), read back by ``_loss_finish_kernel``."""
-    pid = tl.program_id(0)
-    tl.store(work_ptr + pid, total)
-    tl.store(work_ptr + tl.num_programs(0) + pid, tl.sum(valid.to(tl.float32), axis=0))
+    """Program p's partial sum at work[p] and its count of cells in Omega (``store_count``)."""
+    tl.store(work_ptr + tl.program_id(0), total)
+    store_count(work_ptr, valid)
 
 
 @triton.jit
@@ -100,15 +109,17 @@ def _shifted_mse_fwd_kernel(
 
     Writes the partials (``store_partials``: sum of squared differences over its cells in Omega,
     their count) and, if ``STORE_GRAD``, grad[cell, c] = 2 (s - t) (0 off Omega; contiguous (n_rows, C)).
-    Squares are accumulated elementwise and reduced once at the end (one reduction per program).
+    The cell count is stored before the loop, the per-row sums of squares after it. (Accumulating the
+    squares elementwise and reducing once at the end made ptxas spill on sm_100, see the audit.)
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     s_off, t_off, valid, in_range = shifted_cells(
         rows, n_rows, Hs, Ws, Ht, Wt, shift_ptr, shift_sb, shift_sk, s_sb, s_sh, s_sw, t_sb, t_sh, t_sw, True
     )
+    store_count(work_ptr, valid)
     g_off = rows.to(tl.int64) * C
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = cols < C
@@ -118,11 +129,11 @@ def _shifted_mse_fwd_kernel(
         s = load_chunk_f32(s_ptr, s_off[:, None], cols64[None, :], s_sc, load_mask)
         t = load_chunk_f32(t_ptr, t_off[:, None], cols64[None, :], t_sc, load_mask)
         d = s - t  # 0 off Omega (both loads masked)
-        acc += d * d
+        acc += tl.sum(d * d, axis=1)
         if STORE_GRAD:
             grad = (2.0 * d).to(grad_ptr.dtype.element_ty)
             tl.store(grad_ptr + g_off[:, None] + cols64[None, :], grad, mask=in_range[:, None] & c_ok[None, :])
-    store_partials(work_ptr, tl.sum(tl.sum(acc, axis=1), axis=0), valid)
+    tl.store(work_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit

@@ -159,6 +159,10 @@ def test_shifted_mse_empty_overlap_and_identical_inputs(dtype):
     far = torch.tensor([[3, 0], [0, -4]], device=DEVICE)  # no cell lands inside the target
     loss, grad = loss_and_grad(shifted_mse, s, s.clone(), far, backend="triton")
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    # shifts far outside int32 (clamped in the kernel) and just off the edges: no overlap either
+    for huge in ([[2**40, 0], [0, -(2**40)]], [[3, 0], [0, 4]], [[-3, 0], [0, -4]], [[-(2**62), 2**62], [2, 2**33]]):
+        loss, grad = loss_and_grad(shifted_mse, s, s + 1, torch.tensor(huge, device=DEVICE), backend="triton")
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), huge
     zero = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)  # int32 shifts work too
     loss, grad = loss_and_grad(shifted_mse, s, s.clone(), zero, backend="triton")
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -213,7 +217,7 @@ def test_mesa_matches_reference(B, Hs, Ws, C, dtype, layout, use_shift, go, tile
         check_no_grad_loss(kernel, s, (e,), loss)
 
 
-@pytest.mark.parametrize("C", [2100, 4200])  # a 2-warp register-resident row; 3 chunks of 2048 in the fallback
+@pytest.mark.parametrize("C", [2100, 4200])  # a register-resident row over 2-4 warps; 3 chunks of 2048 in the fallback
 def test_mesa_wide_rows(C):
     assert mesa_mod.mesa_plan(C).resident == (C <= 4096)
     gen = torch.Generator().manual_seed(21)
@@ -292,7 +296,7 @@ def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiles, n
         check_against_reference(kernel, ref, x, (y,), go, "angular", math_ulps=0.0 if near == "random" else 1024.0)
 
 
-@pytest.mark.parametrize("C", [2100, 4200])  # a 2-warp register-resident row; 3 chunks of 2048 in the fallback
+@pytest.mark.parametrize("C", [2100, 4200])  # a register-resident row over 2-4 warps; 3 chunks of 2048 in the fallback
 def test_angular_wide_rows_and_tensor_dispersion(C):
     assert angular_mod.angular_plan(C).resident == (C <= 4096)
     gen = torch.Generator().manual_seed(31)
