@@ -3,14 +3,18 @@
     python -m bench.losses                      # GPU: every provider at training sizes
     python -m bench.losses --device cpu --quick # CPU smoke run (PyTorch providers, seconds)
 
-Sizes (GPU): feature maps B = 64 on a 64 x 64 grid with C = 1280, 1536, 4096 (shifted_mse,
-mesa_loss), summaries B = 1024 with the same C (angular_loss), bf16. The CPU runs use smaller
-shapes in float32 and only the PyTorch providers (the Triton interpreter measures numpy).
+Sizes (GPU): exactly the paper problems of ``radio_kernels.loss_plan.paper_problems()``, the ones its
+static bytes model describes: ViT-H/16 student maps B = 16 on a 64 x 64 grid (1024 px) against
+teachers of C = 1280, 1536, 4096 (shifted_mse), MESA at C = 1280, summaries B = 1024 with
+C = 1152, 1536, 4096 (angular_loss); bf16, zero shift (full overlap, as in the model). The CPU runs
+use smaller shapes in float32 and only the PyTorch providers (the Triton interpreter measures numpy).
 
-Reported per (op, C, provider): median / min ms of one forward + backward, achieved GB/s counting
-the inputs read once plus the gradient written once (the least any implementation must move), that
-as a percentage of the device's copy bandwidth measured in the same run, and the peak device memory
-above the inputs (GPU). Results: ``bench/results/losses_<date>_<device>[_quick].{csv,md,png}`` (PNG: GB/s against C).
+Reported per (op, shape, provider): median / min ms of one forward + backward, achieved GB/s counting
+the inputs read once plus the gradient written once (the least any implementation must move: the
+model's ``bytes_min``), that as a percentage of the device's copy bandwidth measured in the same run,
+the peak device memory above the inputs (GPU), and from the model the Triton plan's kernel launches
+and bytes moved (forward + backward) relative to ``bytes_min``. Results:
+``bench/results/losses_<date>_<device>[_quick].{csv,md,png}`` (PNG: GB/s against C).
 """
 
 from __future__ import annotations
@@ -33,32 +37,46 @@ from bench._common import (
     write_csv,
     write_markdown,
 )
-from radio_kernels import angular_loss, mesa_loss, reference, shifted_mse
+from radio_kernels import angular_loss, loss_plan, mesa_loss, reference, shifted_mse
+from radio_kernels.shifted_mse import grad_dtype
 
-CHANNELS = {"gpu": (1280, 1536, 4096), "cpu": (1280, 1536), "quick": (256,)}
-MAP_SHAPE = {"gpu": (64, 64, 64), "cpu": (4, 32, 32), "quick": (2, 16, 16)}  # (B, H, W)
-SUMMARY_ROWS = {"gpu": 1024, "cpu": 256, "quick": 64}
+OPS = loss_plan.OPS
+# Smaller stand-ins off the GPU: (B, H, W) maps and B summaries, channels shared by all ops.
+CPU_SIZES = {"cpu": ((4, 32, 32), 256, (1280, 1536)), "quick": ((2, 16, 16), 64, (256,))}
 COLUMNS = ["op", "shape", "dtype", "provider", "ms", "ms_min", "GBps", "pct_copy", "peak_MB", "speedup_vs_torch"]
+COLUMNS += ["launches", "model_bytes_x_min"]
 
 
-def input_shape(op: str, size: str, C: int) -> tuple[int, ...]:
-    """Shape of the differentiable input: (B, C) summaries or (B, H, W, C) feature maps."""
-    return (SUMMARY_ROWS[size], C) if op == "angular_loss" else (*MAP_SHAPE[size], C)
+def problems(size: str, ops=OPS) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, shape of the differentiable input) to time: (B, H, W, C) maps or (B, C) summaries."""
+    if size == "gpu":
+        return [(op, shape) for op, shape in loss_plan.paper_problems() if op in ops]
+    maps, rows, channels = CPU_SIZES[size]
+    return [(op, (rows, C) if op == "angular_loss" else (*maps, C)) for op in ops for C in channels]
 
 
-def make_inputs(op: str, size: str, C: int, dtype: torch.dtype, device: str):
+def model_columns(op: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """The Triton plan's launches (forward + backward) and bytes (same) over the least that must move."""
+    size = torch.empty((), dtype=dtype).element_size()
+    n_rows = math.prod(shape[:-1])
+    model = loss_plan.traffic(
+        op, n_rows, shape[-1], size, size, torch.empty((), dtype=grad_dtype(dtype)).element_size()
+    )
+    moved = model["bytes_planned"] + model["bytes_backward"]
+    return {"launches": model["launches"], "model_bytes_x_min": moved / model["bytes_min"]}
+
+
+def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: str):
     """(differentiable input, other args, bytes that must move) for one benchmark point."""
     g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_()
+    y = torch.randn(*shape, device=device, dtype=dtype, generator=g)
+    # inputs read once + gradient written once (loss_plan's bytes_min)
+    nbytes = 3 * x.numel() * x.element_size()
     if op == "angular_loss":
-        B = SUMMARY_ROWS[size]
-        x = torch.randn(B, C, device=device, dtype=dtype, generator=g).requires_grad_()
-        y = torch.randn(B, C, device=device, dtype=dtype, generator=g)
-        return x, (y, 0.7), 3 * x.numel() * x.element_size()
-    B, H, W = MAP_SHAPE[size]
-    s = torch.randn(B, H, W, C, device=device, dtype=dtype, generator=g).requires_grad_()
-    t = torch.randn(B, H, W, C, device=device, dtype=dtype, generator=g)
-    shift = torch.randint(-1, 2, (B, 2), device=device, generator=g)
-    return s, (t, shift), 3 * s.numel() * s.element_size()
+        return x, (y, 0.7), nbytes
+    shift = torch.zeros(shape[0], 2, dtype=torch.int64, device=device)  # full overlap, as in the model
+    return x, (y, shift), nbytes
 
 
 def provider_fn(op: str, provider: str):
@@ -74,8 +92,8 @@ def provider_fn(op: str, provider: str):
     return torch.compile(ref, dynamic=False)  # provider == "compile"
 
 
-def bench_point(op, size, C, dtype, device, provider, warmup, repeats, copy_gbps) -> dict:
-    x, others, nbytes = make_inputs(op, size, C, dtype, device)
+def bench_point(op, shape, dtype, device, provider, warmup, repeats, copy_gbps) -> dict:
+    x, others, nbytes = make_inputs(op, shape, dtype, device)
     fn = provider_fn(op, provider)
 
     def step():
@@ -83,6 +101,8 @@ def bench_point(op, size, C, dtype, device, provider, warmup, repeats, copy_gbps
         fn(x, *others).backward()
 
     row = {"op": op, "shape": f"{tuple(x.shape)}", "dtype": str(dtype).replace("torch.", ""), "provider": provider}
+    if provider == "triton":
+        row.update(model_columns(op, shape, dtype))
     try:
         row.update(time_ms(step, device, warmup=warmup, repeats=repeats))
         row["peak_MB"] = peak_memory_mb(step, device)
@@ -111,11 +131,11 @@ POINT_MARGIN_S = 5.0  # do not start a point with less than this left (one point
 
 
 def _warm(item: tuple) -> None:
-    """Prewarm worker (own process): run each provider's step once for one (op, C) point."""
-    op, size, C, dtype_name, providers, device = item
+    """Prewarm worker (own process): run each provider's step once for one (op, shape) point."""
+    op, shape, dtype_name, providers, device = item
     allow_recompiles()
     for provider in providers:
-        x, others, _ = make_inputs(op, size, C, getattr(torch, dtype_name), device)
+        x, others, _ = make_inputs(op, shape, getattr(torch, dtype_name), device)
         provider_fn(op, provider)(x, *others).backward()
     _common.synchronize(device)
 
@@ -133,7 +153,7 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
 def main(argv=None) -> list[dict]:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--providers", nargs="+", choices=["triton", "torch", "compile"])
-    parser.add_argument("--ops", nargs="+", default=["shifted_mse", "mesa_loss", "angular_loss"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--budget-s", type=float, help="stop starting new points after this many seconds")
     a = parser.parse_args(argv)
     started = time.time()
@@ -153,27 +173,34 @@ def main(argv=None) -> list[dict]:
     notes = [f"device reference, measured in this run: {k} = {v:.4g}" for k, v in refs.items()]
     notes.append("GBps = (inputs read once + gradient written once) / min time; pct_copy = GBps / copy_GBps")
     notes.append("peak_MB = peak device memory above the inputs during one step (GPU only)")
-    points = [(op, C) for op in a.ops for C in CHANNELS[size]]
+    notes.append(
+        "launches, model_bytes_x_min: the Triton plan's kernel launches and bytes (forward + backward) / GBps bytes"
+    )
+    points = problems(size, a.ops)
     compiled = [p for p in providers if p in ("triton", "compile")]
     if on_gpu and compiled:
-        items = [(op, size, C, str(dtype).replace("torch.", ""), compiled, a.device) for op, C in points]
+        items = [(op, shape, str(dtype).replace("torch.", ""), compiled, a.device) for op, shape in points]
         left = deadline - time.time()
         notes.append(_common.prewarm(_warm, items, timeout_s=min(60.0, 0.6 * left), max_parallel=9))
         print(notes[-1], flush=True)
 
-    rows = {(op, C, p): None for op, C in points for p in providers}
+    rows = {(op, shape, p): None for op, shape in points for p in providers}
     text = ""
     for phase in ([p for p in providers if p not in SLOW_PROVIDERS], [p for p in providers if p in SLOW_PROVIDERS]):
-        for op, C in points:
+        for op, shape in points:
             for provider in phase:
                 if deadline - time.time() < POINT_MARGIN_S:
-                    row = {"op": op, "shape": "", "dtype": str(dtype).replace("torch.", ""), "provider": provider}
-                    row["shape"] = str(input_shape(op, size, C))
+                    row = {
+                        "op": op,
+                        "shape": str(shape),
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "provider": provider,
+                    }
                     row["status"] = "skipped: time budget"
                 else:
-                    row = bench_point(op, size, C, dtype, a.device, provider, warmup, repeats, refs["copy_GBps"])
+                    row = bench_point(op, shape, dtype, a.device, provider, warmup, repeats, refs["copy_GBps"])
                 row.update(refs)
-                rows[op, C, provider] = row
+                rows[op, shape, provider] = row
                 done = [r for r in rows.values() if r is not None]
                 add_speedups(done)
                 # Rewritten after each point so a run stopped at its time budget keeps its results.

@@ -18,11 +18,16 @@ Gradient (per row; e = x^ - y^, f = x^ + y^, M = ||e||^2, P = ||f||^2, m = sqrt(
 
 (k_m = k_p = 0 when M or P is clamped at 2**-40; both finite elsewhere since Theta ~ m near 0.)
 
-Kernel plan: one program per BLOCK_R rows, three sweeps over C in BLOCK_C chunks: (1) scaled
-sums of squares (LAPACK nrm2 style: running max |x| and sum (x / max)^2, so 1e-30 and 1e30 rows
-neither underflow nor overflow), (2) M, P, x^.e and x^.f, (3) the gradient of Theta^2. atan2 is
-written with core ``tl`` math (libdevice is not available in the interpreter). The kernel
-stores the gradient of sum_b Theta_b^2; backward scales it by grad_output / (B * dispersion).
+Kernel plan (``loss_plan.angular_plan``), like ``mesa``: for C <= 4096 each program holds its rows
+whole in registers (one warp owning whole rows for C <= 1024, 2-4 warps per row above) and reads
+each input element once; wider rows take three sweeps over C in BLOCK_C chunks, re-reading the row
+from L1/L2. The steps: (1) scaled sums of squares (LAPACK nrm2 style: running max |x| and
+sum (x / max)^2, so 1e-30 and 1e30 rows neither underflow nor overflow), (2) M, P, x^.e and x^.f,
+(3) the gradient of Theta^2 (only when autograd needs it: ``STORE_GRAD``). atan2 is written with
+core ``tl`` math (libdevice is not available in the interpreter). Each program writes its partial
+sum of Theta^2 and its row count; the shared finish kernel of ``shifted_mse`` forms the loss and
+1 / (B * dispersion) on the device. The kernel stores the gradient of sum_b Theta_b^2; backward
+scales it in place by grad_output / (B * dispersion).
 """
 
 from __future__ import annotations
@@ -38,20 +43,23 @@ from . import reference
 from ._audit_registry import TRITON_DTYPE, AuditConfig, signature_of
 from ._backend import device_guard, resolve_backend
 from ._checks import check_same_device, check_tensor
-from .shifted_mse import StoredGradientLoss, grad_dtype, load_chunk_f32, new_grad_buffer
+from .loss_plan import angular_plan
+from .shifted_mse import (
+    StoredGradientLoss,
+    finish_loss,
+    grad_ptr_type,
+    load_chunk_f32,
+    needs_grad,
+    new_grad_buffer,
+    store_partials,
+    variant_label,
+    work_buffer,
+)
 
-TILE = 2048
-NUM_WARPS = 4
 PI = tl.constexpr(3.141592653589793)
 TAN_PI_8 = tl.constexpr(0.41421356237309503)
 CHORD_TINY = tl.constexpr(2.0**-40)  # reference._TINY: chords^2 below this are clamped (zero gradient)
 FLT_MIN = tl.constexpr(2.0**-126)  # reference._FLT_MIN: rows with max |x| below this are zero rows
-
-
-def block_sizes(C: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) for C channels."""
-    block_c = 16 if C <= 16 else 128 if C <= 128 else 1024
-    return TILE // block_c, block_c
 
 
 # ----------------------------------------------------------------------------------------
@@ -84,68 +92,105 @@ def atan2_nonneg(y, x):
 
 
 @triton.jit
+def _norm_stats(x, y, max_x, max_y, ssq_x, ssq_y, nonfinite):
+    """Merge a (rows, channels) chunk of x and y into the running scaled norms: max |.| per row and
+    sum (. / max)^2, rescaling the running sum when the max grows; ``nonfinite`` flags rows holding
+    a NaN / Inf (masked lanes load 0)."""
+    # |v| < inf is False for NaN and +-Inf alike.
+    ok = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
+    nonfinite = tl.maximum(nonfinite, tl.max(tl.where(ok, 0, 1), axis=1))
+    new_max_x = tl.maximum(max_x, tl.max(tl.abs(x), axis=1))
+    new_max_y = tl.maximum(max_y, tl.max(tl.abs(y), axis=1))
+    inv_x = _reciprocal_or_zero(new_max_x, new_max_x > 0)
+    inv_y = _reciprocal_or_zero(new_max_y, new_max_y > 0)
+    ux = x * inv_x[:, None]
+    uy = y * inv_y[:, None]
+    ssq_x = ssq_x * (max_x * inv_x) * (max_x * inv_x) + tl.sum(ux * ux, axis=1)
+    ssq_y = ssq_y * (max_y * inv_y) * (max_y * inv_y) + tl.sum(uy * uy, axis=1)
+    return new_max_x, new_max_y, ssq_x, ssq_y, nonfinite
+
+
+@triton.jit
+def _unit_scale(max_v, ssq_v):
+    """Per-row factor turning v into v^ = v * inv_max * rnorm, rnorm = 1 / ||v / max|v|||, never
+    forming 1 / ||v|| itself (0 for a zero row)."""
+    nonzero = max_v >= FLT_MIN
+    inv_max = _reciprocal_or_zero(max_v, nonzero)
+    return (inv_max * tl.where(nonzero, 1.0 / tl.sqrt(tl.where(nonzero, ssq_v, 1.0)), 0.0))[:, None]
+
+
+@triton.jit
+def _chord_sums(x_hat, y_hat):
+    """Row sums of the chords and of the projections of e and f on x^ (each summed directly: no 1 - cos)."""
+    e = x_hat - y_hat
+    f = x_hat + y_hat
+    return tl.sum(e * e, axis=1), tl.sum(f * f, axis=1), tl.sum(x_hat * e, axis=1), tl.sum(x_hat * f, axis=1)
+
+
+@triton.jit
+def _theta_grad(x_hat, y_hat, k_m, k_p, sum_xe, sum_xf, scale_x):
+    """dTheta^2/dx = (k_m (e - x^ (x^.e)) - k_p (f - x^ (x^.f))) / ||x||  (0 on zero rows)."""
+    e = x_hat - y_hat
+    f = x_hat + y_hat
+    return (k_m * (e - x_hat * sum_xe) - k_p * (f - x_hat * sum_xf)) * scale_x
+
+
+@triton.jit
 def _angular_fwd_kernel(
-    x_ptr, y_ptr, grad_ptr, partial_ptr,
+    x_ptr, y_ptr, grad_ptr, work_ptr,
     n_rows, C,
     x_sb, x_sc, y_sb, y_sc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RESIDENT: tl.constexpr, STORE_GRAD: tl.constexpr,
 ):  # fmt: skip
-    """Writes partial_ptr[p] = sum of Theta^2 over the program's rows and grad (contiguous
-    (n_rows, C)) = dTheta^2/dx."""
+    """Writes the partials (``store_partials``: sum of Theta^2 over the program's rows, their count)
+    and, if ``STORE_GRAD``, grad (contiguous (n_rows, C)) = dTheta^2/dx. ``RESIDENT``: BLOCK_C >= C,
+    each row is loaded once and kept in registers."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     x_off = rows.to(tl.int64)[:, None] * x_sb
     y_off = rows.to(tl.int64)[:, None] * y_sb
+    g_off = rows.to(tl.int64)[:, None] * C
 
-    # Sweep 1: norms as max|.| * sqrt(sum (./max|.|)^2), rescaling the running sum when the max grows.
-    max_x = tl.zeros([BLOCK_R], dtype=tl.float32)
-    max_y = tl.zeros([BLOCK_R], dtype=tl.float32)
-    ssq_x = tl.zeros([BLOCK_R], dtype=tl.float32)
-    ssq_y = tl.zeros([BLOCK_R], dtype=tl.float32)
-    nonfinite = tl.zeros([BLOCK_R], dtype=tl.int32)  # rows of x or y holding a NaN / Inf
-    for c0 in range(0, C, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+    # Step 1: norms as max|.| * sqrt(sum (./max|.|)^2).
+    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if RESIDENT:
+        cols = tl.arange(0, BLOCK_C)[None, :]
         mask = row_ok[:, None] & (cols < C)
         x = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask)
         y = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask)
-        # |v| < inf is False for NaN and +-Inf alike (masked lanes load 0).
-        bad = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
-        nonfinite = tl.maximum(nonfinite, tl.max(tl.where(bad, 0, 1), axis=1))
-        new_max_x = tl.maximum(max_x, tl.max(tl.abs(x), axis=1))
-        new_max_y = tl.maximum(max_y, tl.max(tl.abs(y), axis=1))
-        inv_x = _reciprocal_or_zero(new_max_x, new_max_x > 0)
-        inv_y = _reciprocal_or_zero(new_max_y, new_max_y > 0)
-        ux = x * inv_x[:, None]
-        uy = y * inv_y[:, None]
-        ssq_x = ssq_x * (max_x * inv_x) * (max_x * inv_x) + tl.sum(ux * ux, axis=1)
-        ssq_y = ssq_y * (max_y * inv_y) * (max_y * inv_y) + tl.sum(uy * uy, axis=1)
-        max_x = new_max_x
-        max_y = new_max_y
-    # x^ = x * inv_max * rnorm with rnorm = 1 / ||x / max|x|||, never forming 1 / ||x|| itself.
-    x_nonzero = max_x >= FLT_MIN
-    y_nonzero = max_y >= FLT_MIN
-    inv_max_x = _reciprocal_or_zero(max_x, x_nonzero)
-    inv_max_y = _reciprocal_or_zero(max_y, y_nonzero)
-    scale_x = (inv_max_x * tl.where(x_nonzero, 1.0 / tl.sqrt(tl.where(x_nonzero, ssq_x, 1.0)), 0.0))[:, None]
-    scale_y = (inv_max_y * tl.where(y_nonzero, 1.0 / tl.sqrt(tl.where(y_nonzero, ssq_y, 1.0)), 0.0))[:, None]
+        max_x, max_y, ssq_x, ssq_y, nonfinite = _norm_stats(
+            x, y, zero, zero, zero, zero, tl.zeros([BLOCK_R], dtype=tl.int32)
+        )
+    else:
+        max_x, max_y, ssq_x, ssq_y = zero, zero, zero, zero
+        nonfinite = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+            mask = row_ok[:, None] & (cols < C)
+            x = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask)
+            y = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask)
+            max_x, max_y, ssq_x, ssq_y, nonfinite = _norm_stats(x, y, max_x, max_y, ssq_x, ssq_y, nonfinite)
+    scale_x = _unit_scale(max_x, ssq_x)
+    scale_y = _unit_scale(max_y, ssq_y)
 
-    # Sweep 2: chords and the projections of e and f on x^ (each summed directly: no 1 - cos).
-    sum_ee = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sum_ff = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sum_xe = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sum_xf = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
-        mask = row_ok[:, None] & (cols < C)
-        x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
-        y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
-        e = x_hat - y_hat
-        f = x_hat + y_hat
-        sum_ee += tl.sum(e * e, axis=1)
-        sum_ff += tl.sum(f * f, axis=1)
-        sum_xe += tl.sum(x_hat * e, axis=1)
-        sum_xf += tl.sum(x_hat * f, axis=1)
+    # Step 2: chords and the projections of e and f on x^.
+    if RESIDENT:
+        x_hat = x * scale_x
+        y_hat = y * scale_y
+        sum_ee, sum_ff, sum_xe, sum_xf = _chord_sums(x_hat, y_hat)
+    else:
+        sum_ee, sum_ff, sum_xe, sum_xf = zero, zero, zero, zero
+        for c0 in range(0, C, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+            mask = row_ok[:, None] & (cols < C)
+            x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
+            y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
+            ee, ff, xe, xf = _chord_sums(x_hat, y_hat)
+            sum_ee += ee
+            sum_ff += ff
+            sum_xe += xe
+            sum_xf += xf
     m = tl.sqrt(tl.maximum(sum_ee, CHORD_TINY))
     p = tl.sqrt(tl.maximum(sum_ff, CHORD_TINY))
     theta = 2.0 * atan2_nonneg(m, p)
@@ -159,64 +204,71 @@ def _angular_fwd_kernel(
     # zero row's pi/2, so that a broken sample shows in the loss instead of hiding in it.
     broken = nonfinite > 0
     theta = tl.where(broken, float("nan"), theta)
-    k_m = tl.where(broken, float("nan"), k_m)
-    k_p = tl.where(broken, float("nan"), k_p)
-    tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, theta * theta, 0.0), axis=0))
+    store_partials(work_ptr, tl.sum(tl.where(row_ok, theta * theta, 0.0), axis=0), row_ok)
 
-    # Sweep 3: dTheta^2/dx = (k_m (e - x^ (x^.e)) - k_p (f - x^ (x^.f))) / ||x||  (0 on zero rows).
-    k_m = k_m[:, None]
-    k_p = k_p[:, None]
-    sum_xe = sum_xe[:, None]
-    sum_xf = sum_xf[:, None]
-    g_off = rows.to(tl.int64)[:, None] * C
-    for c0 in range(0, C, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
-        mask = row_ok[:, None] & (cols < C)
-        x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
-        y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
-        e = x_hat - y_hat
-        f = x_hat + y_hat
-        grad = (k_m * (e - x_hat * sum_xe) - k_p * (f - x_hat * sum_xf)) * scale_x
-        tl.store(grad_ptr + g_off + cols.to(tl.int64), grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    # Step 3: the gradient of Theta^2.
+    if STORE_GRAD:
+        k_m = tl.where(broken, float("nan"), k_m)[:, None]
+        k_p = tl.where(broken, float("nan"), k_p)[:, None]
+        sum_xe = sum_xe[:, None]
+        sum_xf = sum_xf[:, None]
+        if RESIDENT:
+            grad = _theta_grad(x_hat, y_hat, k_m, k_p, sum_xe, sum_xf, scale_x)
+            tl.store(grad_ptr + g_off + cols.to(tl.int64), grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+                mask = row_ok[:, None] & (cols < C)
+                x_hat = load_chunk_f32(x_ptr, x_off, cols.to(tl.int64), x_sc, mask) * scale_x
+                y_hat = load_chunk_f32(y_ptr, y_off, cols.to(tl.int64), y_sc, mask) * scale_y
+                grad = _theta_grad(x_hat, y_hat, k_m, k_p, sum_xe, sum_xf, scale_x)
+                tl.store(grad_ptr + g_off + cols.to(tl.int64), grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------
 def angular_forward(
-    x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: (sum_b Theta_b^2 as 0-dim fp32, its gradient in x's dtype, contiguous;
-    ``grad`` if given).
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dispersion: torch.Tensor | float = 1.0,
+    *,
+    store_grad: bool = True,
+    grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the kernels: (loss = mean_b Theta_b^2 / dispersion, 1 / (B * dispersion), the gradient
+    of sum_b Theta_b^2 in ``grad_dtype(x.dtype)``, contiguous (``grad`` if given), or None without
+    ``store_grad``).
 
-    Grid: one program per BLOCK_R rows; each loops over C in BLOCK_C chunks. Inputs are read
-    through their strides.
+    Grid: one program per BLOCK_R rows (``loss_plan.angular_plan``), then one finish program.
+    Inputs are read through their strides; ``dispersion`` is a float or a 0-dim float32 tensor on
+    x's device (read by the finish kernel: no host sync).
     """
     B, C = x.shape
     if B >= 2**31 or C >= 2**31:
         raise ValueError(f"at most 2**31 - 1 rows and channels are supported, got x of shape {tuple(x.shape)}")
-    grad = new_grad_buffer((B, C), x, grad)
-    if B == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device), grad
-    block_r, block_c = block_sizes(C)
-    grid = (triton.cdiv(B, block_r),)
-    partial = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    _angular_fwd_kernel[grid](
-        x, y, grad, partial, B, C, *x.stride(), *y.stride(),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    return partial.sum(), grad
+    grad = new_grad_buffer((B, C), x, grad) if store_grad else None
+    plan = angular_plan(C)
+    work, grid = work_buffer(plan, B, x.device)
+    if grid:
+        _angular_fwd_kernel[(grid,)](
+            x, y, grad if store_grad else work, work, B, C, *x.stride(), *y.stride(),
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RESIDENT=plan.resident, STORE_GRAD=store_grad,
+            num_warps=plan.num_warps,
+        )  # fmt: skip
+    loss, inv_n = finish_loss(work, grid, 1.0, dispersion)
+    return loss, inv_n, grad
 
 
 class AngularLossFunction(StoredGradientLoss):
     @staticmethod
     def forward(ctx, x, y, dispersion):
-        theta2_sum, grad_sum = angular_forward(x, y)
-        inv_n = 1.0 / (max(x.shape[0], 1) * dispersion)  # 1 / (B * Disp), on device
-        return StoredGradientLoss.finish(ctx, theta2_sum, grad_sum, inv_n, x)
+        loss, inv_n, grad_sum = angular_forward(x, y, dispersion)
+        return StoredGradientLoss.finish(ctx, loss, inv_n, grad_sum, x)
 
 
-def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
+def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor | float:
+    """A 0-dim float32 tensor on ``device`` or a Python float (passed to the kernels as a scalar)."""
     if isinstance(dispersion, torch.Tensor):
         if dispersion.numel() != 1:
             raise ValueError(f"dispersion must be a float or a 0-dim tensor, got shape {tuple(dispersion.shape)}")
@@ -228,7 +280,7 @@ def _check_dispersion(dispersion, device: torch.device) -> torch.Tensor:
         return disp
     if isinstance(dispersion, bool) or not isinstance(dispersion, (int, float)) or not 0 < dispersion < math.inf:
         raise ValueError(f"dispersion must be a finite float > 0, got {dispersion!r}")
-    return torch.tensor(float(dispersion), device=device)
+    return float(dispersion)
 
 
 def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str = "auto") -> torch.Tensor:
@@ -246,6 +298,8 @@ def angular_loss(x: torch.Tensor, y: torch.Tensor, dispersion, *, backend: str =
     if resolve_backend(backend, device) == "torch":
         return reference.angular_loss(x, y.detach(), disp).float()
     with device_guard(x.device):
+        if not needs_grad(x):
+            return angular_forward(x, y.detach(), disp, store_grad=False)[0]
         return AngularLossFunction.apply(x, y.detach(), disp)
 
 
@@ -342,7 +396,8 @@ AUDIT_DTYPE_PAIRS = (
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),  # bf16 student summaries against fp32 teacher summaries
 )
-AUDIT_CHANNELS = (16, 128, 1536)  # one C per block_sizes() branch
+# One C per angular_plan() branch: each register-resident row width (1536 for the paper's 2048 one) and the fallback.
+AUDIT_CHANNELS = (64, 256, 1024, 1536, 4096, 8192)
 
 
 # With C a multiple of 16 the JIT marks C and the strides 16-divisible (vector loads).
@@ -353,23 +408,29 @@ def AUDIT_CONFIGS() -> list[AuditConfig]:
     configs = []
     for x_dtype, y_dtype in AUDIT_DTYPE_PAIRS:
         for C in AUDIT_CHANNELS:
-            block_r, block_c = block_sizes(C)
-            ptrs = {
-                "x_ptr": TRITON_DTYPE[x_dtype],
-                "y_ptr": TRITON_DTYPE[y_dtype],
-                "grad_ptr": TRITON_DTYPE[grad_dtype(x_dtype)],
-                "partial_ptr": "fp32",
-            }
-            configs.append(
-                AuditConfig(
-                    kernel=_angular_fwd_kernel,
-                    label=f"{TRITON_DTYPE[x_dtype]}/{TRITON_DTYPE[y_dtype]} R{block_r} C{block_c}",
-                    signature=signature_of(
-                        _angular_fwd_kernel, ptrs, ints=("n_rows", "C", "x_sb", "y_sb"), constexpr=("x_sc", "y_sc")
-                    ),
-                    constexprs={"x_sc": 1, "y_sc": 1, "BLOCK_R": block_r, "BLOCK_C": block_c},
-                    num_warps=NUM_WARPS,
-                    aligned=ALIGNED_ARGS,
+            plan = angular_plan(C)
+            for store_grad in (True, False):
+                ptrs = {
+                    "x_ptr": TRITON_DTYPE[x_dtype],
+                    "y_ptr": TRITON_DTYPE[y_dtype],
+                    "grad_ptr": grad_ptr_type(x_dtype, store_grad),
+                    "work_ptr": "fp32",
+                }
+                layout = "resident" if plan.resident else "chunked"
+                label = f"{TRITON_DTYPE[x_dtype]}/{TRITON_DTYPE[y_dtype]} R{plan.block_r} C{plan.block_c}"
+                label += f" w{plan.num_warps} {layout} {variant_label(store_grad)}"
+                constexprs = {"x_sc": 1, "y_sc": 1, "BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c}
+                constexprs.update(RESIDENT=plan.resident, STORE_GRAD=store_grad)
+                configs.append(
+                    AuditConfig(
+                        kernel=_angular_fwd_kernel,
+                        label=label,
+                        signature=signature_of(
+                            _angular_fwd_kernel, ptrs, ints=("n_rows", "C", "x_sb", "y_sb"), constexpr=("x_sc", "y_sc")
+                        ),
+                        constexprs=constexprs,
+                        num_warps=plan.num_warps,
+                        aligned=ALIGNED_ARGS,
+                    )
                 )
-            )
     return configs

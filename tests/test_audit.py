@@ -22,7 +22,13 @@ from radio_kernels._audit_registry import AuditConfig, merge_duplicates
 from radio_kernels.audit import SHARED_LIMIT, AuditResult, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSS_KERNELS = ("_shifted_mse_fwd_kernel", "_mesa_fwd_kernel", "_angular_fwd_kernel")
+LOSS_KERNELS = (
+    "_shifted_mse_fwd_kernel",
+    "_mesa_fwd_kernel",
+    "_angular_fwd_kernel",
+    "_loss_finish_kernel",
+    "_loss_scale_grad_kernel",
+)
 ATTENTION_MAIN = ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
 ARCH_NAMES = {"sm_90", "sm_100", "sm_80", "sm_86", "sm_89", "sm_120"}
 

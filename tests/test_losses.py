@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tolerance import assert_close_to_reference
 
 from radio_kernels import angular_loss, mesa_loss, reference, shifted_mse
+from radio_kernels.loss_plan import KernelPlan
 
 # The package re-exports functions named like their modules: fetch the modules themselves.
 smse_mod = importlib.import_module("radio_kernels.shifted_mse")
@@ -63,9 +64,46 @@ def check_against_reference(kernel_fn, ref_fn, x, others, grad_output, what, ulp
     return loss, grad
 
 
+PLAN_NAMES = {smse_mod: "shifted_mse_plan", mesa_mod: "mesa_plan", angular_mod: "angular_plan"}
+
+
 def small_blocks(module, block_r, block_c):
-    """Force tiny tiles so that small C still takes several trips through the channel loop."""
-    return mock.patch.object(module, "block_sizes", lambda C: (block_r, block_c))
+    """Force tiny chunked tiles so that small C still takes several trips through the channel loops
+    (for MESA and angular: the 3-sweep fallback that C > 4096 takes)."""
+    passes = 1 if module is smse_mod else 3
+    plan = KernelPlan(block_r=block_r, block_c=block_c, num_warps=4, resident=False, passes=passes)
+    return mock.patch.object(module, PLAN_NAMES[module], lambda C: plan)
+
+
+def resident_rows(module, block_r):
+    """Force the register-resident layout with ``block_r`` rows per program (several programs on small maps)."""
+    real = PLAN_NAMES[module]
+    plan_of = getattr(module, real)
+
+    def plan(C):
+        base = plan_of(C)
+        assert base.resident, "the register-resident plan covers every C the tests use"
+        return KernelPlan(block_r=block_r, block_c=base.block_c, num_warps=1, resident=True, passes=1)
+
+    return mock.patch.object(module, real, plan)
+
+
+def tiles_context(module, tiles: str, chunk_rows: int):
+    if tiles == "chunked":
+        return small_blocks(module, chunk_rows, 16)
+    if tiles == "resident":
+        return resident_rows(module, 2)
+    return contextlib.nullcontext()  # the plan the wrapper picks
+
+
+def check_no_grad_loss(kernel_fn, x, others, loss):
+    """The loss-only kernels (no gradient stored) give the gradient path's loss."""
+    with torch.no_grad():
+        plain = kernel_fn(x, *others)
+    if DEVICE == "cpu":  # same sums in the same order
+        assert torch.equal(plain, loss), (plain, loss)
+    else:
+        torch.testing.assert_close(plain, loss, rtol=1e-6, atol=0)
 
 
 shapes_hw = st.integers(1, 6)
@@ -101,7 +139,8 @@ def test_shifted_mse_matches_reference(B, Hs, Ws, Ht, Wt, C, dtype, layout, fp32
     kernel = lambda s, t: shifted_mse(s, t, shift.to(DEVICE), backend="triton")
     ref = lambda s, t: reference.shifted_mse(s, t, shift.to(DEVICE))
     with small_blocks(smse_mod, 4, 16) if tiny_tiles else contextlib.nullcontext():
-        check_against_reference(kernel, ref, s, (t,), go, "shifted_mse")
+        loss, _ = check_against_reference(kernel, ref, s, (t,), go, "shifted_mse")
+        check_no_grad_loss(kernel, s, (t,), loss)
 
 
 def test_shifted_mse_multi_chunk_channels():
@@ -120,6 +159,10 @@ def test_shifted_mse_empty_overlap_and_identical_inputs(dtype):
     far = torch.tensor([[3, 0], [0, -4]], device=DEVICE)  # no cell lands inside the target
     loss, grad = loss_and_grad(shifted_mse, s, s.clone(), far, backend="triton")
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    # shifts far outside int32 (clamped in the kernel) and just off the edges: no overlap either
+    for huge in ([[2**40, 0], [0, -(2**40)]], [[3, 0], [0, 4]], [[-3, 0], [0, -4]], [[-(2**62), 2**62], [2, 2**33]]):
+        loss, grad = loss_and_grad(shifted_mse, s, s + 1, torch.tensor(huge, device=DEVICE), backend="triton")
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), huge
     zero = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)  # int32 shifts work too
     loss, grad = loss_and_grad(shifted_mse, s, s.clone(), zero, backend="triton")
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -131,12 +174,13 @@ def test_shifted_mse_writes_every_gradient_element():
     t = feature_map((2, 3, 3, 19), torch.float32, "contiguous", gen)
     shift = torch.tensor([[1, 0], [0, 5]], device=DEVICE)
     poisoned = torch.full((2, 3, 3, 19), float("nan"), device=DEVICE)
-    sq_sum, grad = smse_mod.shifted_mse_forward(s, t, shift, grad=poisoned)
+    loss, inv_n, grad = smse_mod.shifted_mse_forward(s, t, shift, grad=poisoned)
     assert grad.data_ptr() == poisoned.data_ptr() and torch.isfinite(grad).all()
+    assert inv_n.item() == pytest.approx(1 / (19 * 6), rel=1e-7)  # 6 valid cells, counted by the kernel
     s64 = s.double().requires_grad_()
-    ref_sum = reference.shifted_mse(s64, t.double(), shift) * (19 * 6)  # 6 valid cells
+    ref_sum = reference.shifted_mse(s64, t.double(), shift) * (19 * 6)
     ref_sum.backward()
-    torch.testing.assert_close(sq_sum.double(), ref_sum.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.double() * (19 * 6), ref_sum.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
 
 
@@ -152,11 +196,11 @@ def test_shifted_mse_writes_every_gradient_element():
     layout=layouts,
     use_shift=st.booleans(),
     go=grad_outputs,
-    tiny_tiles=st.booleans(),
-    offset=st.sampled_from([0.0, 20.0]),  # a large common offset tests the variance merge
+    tiles=st.sampled_from(["plan", "resident", "chunked"]),
+    offset=st.sampled_from([0.0, 20.0]),  # a large common offset tests the variance merge / two-pass variance
     data=st.data(),
 )
-def test_mesa_matches_reference(B, Hs, Ws, C, dtype, layout, use_shift, go, tiny_tiles, offset, data):
+def test_mesa_matches_reference(B, Hs, Ws, C, dtype, layout, use_shift, go, tiles, offset, data):
     gen = torch.Generator().manual_seed(B * 1000 + Hs * 100 + C)
     if use_shift:
         Ht, Wt = data.draw(shapes_hw), data.draw(shapes_hw)
@@ -168,16 +212,19 @@ def test_mesa_matches_reference(B, Hs, Ws, C, dtype, layout, use_shift, go, tiny
     e = feature_map((B, Ht, Wt, C), dtype, "contiguous", gen, offset=offset)
     kernel = lambda s, e: mesa_loss(s, e, shift, backend="triton")
     ref = lambda s, e: reference.mesa_loss(s, e, shift)
-    with small_blocks(mesa_mod, 2, 16) if tiny_tiles else contextlib.nullcontext():
-        check_against_reference(kernel, ref, s, (e,), go, "mesa")
+    with tiles_context(mesa_mod, tiles, chunk_rows=2):
+        loss, _ = check_against_reference(kernel, ref, s, (e,), go, "mesa")
+        check_no_grad_loss(kernel, s, (e,), loss)
 
 
-def test_mesa_multi_chunk_channels():
+@pytest.mark.parametrize("C", [2100, 4200])  # a register-resident row over 2-4 warps; 3 chunks of 2048 in the fallback
+def test_mesa_wide_rows(C):
+    assert mesa_mod.mesa_plan(C).resident == (C <= 4096)
     gen = torch.Generator().manual_seed(21)
-    s = feature_map((1, 2, 1, 2100), torch.float32, "nchw", gen, scale=2.0, offset=5.0)  # 2 chunks of 2048
-    e = feature_map((1, 2, 1, 2100), torch.float32, "contiguous", gen)
+    s = feature_map((1, 2, 1, C), torch.float32, "nchw", gen, scale=2.0, offset=5.0)
+    e = feature_map((1, 2, 1, C), torch.float32, "contiguous", gen)
     kernel = lambda s, e: mesa_loss(s, e, backend="triton")
-    check_against_reference(kernel, lambda s, e: reference.mesa_loss(s, e, None), s, (e,), -2.0, "C=2100")
+    check_against_reference(kernel, lambda s, e: reference.mesa_loss(s, e, None), s, (e,), -2.0, f"C={C}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -201,11 +248,14 @@ def test_mesa_writes_every_gradient_element():
     s = feature_map((1, 3, 4, 21), torch.float16, "nchw", gen)
     e = feature_map((1, 3, 4, 21), torch.float16, "contiguous", gen)
     shift = torch.tensor([[1, -2]], device=DEVICE)
-    poisoned = torch.full((1, 3, 4, 21), float("nan"), dtype=torch.float32, device=DEVICE)  # fp16 sums: fp32
-    with small_blocks(mesa_mod, 4, 16):
-        _, grad = mesa_mod.mesa_forward(s, e, shift, 1e-6, grad=poisoned)
-    assert torch.isfinite(grad).all()
-    assert (grad[:, 2:] == 0).all() and (grad[:, :, :2] == 0).all()  # off the overlap
+    for tiles in ("plan", "resident", "chunked"):
+        poisoned = torch.full((1, 3, 4, 21), float("nan"), dtype=torch.float32, device=DEVICE)  # fp16 sums: fp32
+        with tiles_context(mesa_mod, tiles, chunk_rows=4):
+            _, inv_n, grad = mesa_mod.mesa_forward(s, e, shift, 1e-6, grad=poisoned)
+        assert torch.isfinite(grad).all(), tiles
+        assert (grad[:, 2:] == 0).all() and (grad[:, :, :2] == 0).all()  # off the overlap
+        assert (grad[:, :2, 2:] != 0).any()
+        assert inv_n.item() == pytest.approx(1 / (21 * 2 * 2), rel=1e-7)  # 2 x 2 cells overlap
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,10 +276,10 @@ def summaries(B, C, dtype, layout, gen, scale=1.0):
     layout=st.sampled_from(["contiguous", "transposed", "slice"]),
     go=grad_outputs,
     dispersion=st.sampled_from([0.694, 2.186]),
-    tiny_tiles=st.booleans(),
+    tiles=st.sampled_from(["plan", "resident", "chunked"]),
     near=st.sampled_from(["random", "near_parallel", "near_antiparallel"]),
 )
-def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiny_tiles, near):
+def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiles, near):
     gen = torch.Generator().manual_seed(B * 100 + C)
     x = summaries(B, C, dtype, layout, gen)
     y = summaries(B, C, torch.float32, "contiguous", gen)
@@ -238,7 +288,7 @@ def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiny_til
         y = sign * x.float() + 0.01 * y
     kernel = lambda x, y: angular_loss(x, y, dispersion, backend="triton")
     ref = lambda x, y: reference.angular_loss(x, y, dispersion)
-    with small_blocks(angular_mod, 4, 16) if tiny_tiles else contextlib.nullcontext():
+    with tiles_context(angular_mod, tiles, chunk_rows=4):
         # Near +-x the angle is ill-conditioned: unit vectors carry ~eps absolute error, so Theta
         # has relative error ~eps / Theta (~1e-4 here) on any float32 path, and the two paths
         # round independently. Allow that (still far below what a wrong formula gives).
@@ -246,13 +296,15 @@ def test_angular_matches_reference(B, C, dtype, layout, go, dispersion, tiny_til
         check_against_reference(kernel, ref, x, (y,), go, "angular", math_ulps=0.0 if near == "random" else 1024.0)
 
 
-def test_angular_multi_chunk_channels_and_tensor_dispersion():
+@pytest.mark.parametrize("C", [2100, 4200])  # a register-resident row over 2-4 warps; 3 chunks of 2048 in the fallback
+def test_angular_wide_rows_and_tensor_dispersion(C):
+    assert angular_mod.angular_plan(C).resident == (C <= 4096)
     gen = torch.Generator().manual_seed(31)
-    x = summaries(3, 2100, torch.float32, "transposed", gen)  # 3 chunks of 1024 channels
-    y = summaries(3, 2100, torch.float32, "contiguous", gen)
+    x = summaries(3, C, torch.float32, "transposed", gen)
+    y = summaries(3, C, torch.float32, "contiguous", gen)
     disp = torch.tensor(0.9, device=DEVICE)
     kernel = lambda x, y: angular_loss(x, y, disp, backend="triton")
-    check_against_reference(kernel, lambda x, y: reference.angular_loss(x, y, 0.9), x, (y,), 1.5, "C=2100")
+    check_against_reference(kernel, lambda x, y: reference.angular_loss(x, y, 0.9), x, (y,), 1.5, f"C={C}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -287,8 +339,8 @@ def test_angular_writes_every_gradient_element():
     x = summaries(5, 37, torch.bfloat16, "slice", gen)
     y = summaries(5, 37, torch.bfloat16, "transposed", gen)
     poisoned = torch.full((5, 37), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    theta2_sum, grad = angular_mod.angular_forward(x, y, grad=poisoned)
-    assert torch.isfinite(grad).all() and theta2_sum.item() > 0
+    loss, inv_n, grad = angular_mod.angular_forward(x, y, 0.5, grad=poisoned)
+    assert torch.isfinite(grad).all() and loss.item() > 0 and inv_n.item() == pytest.approx(1 / (5 * 0.5))
 
 
 def test_atan2_polynomial_accuracy():
@@ -394,12 +446,3 @@ def test_float16_gradients_do_not_overflow_in_the_summed_store():
     assert torch.isfinite(a.grad).all()
     torch.testing.assert_close(a.grad.float(), torch.full_like(a.grad, 2 * 40000.0 / 16, dtype=torch.float32))
     assert a.grad.dtype == torch.float16
-
-
-def test_losses_are_once_differentiable():
-    """Double backward through a kernel's stored gradient would be silently wrong: it raises instead."""
-    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
-    loss = angular_loss(x, torch.randn(3, 8, device=DEVICE), 1.0, backend="triton")
-    (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
