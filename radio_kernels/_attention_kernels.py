@@ -653,10 +653,10 @@ def attn_bwd_window_kernel(
     For each of the ``key_tiles`` BLOCK_N tiles of the window's keys from ``key_offset`` on: dK, dV
     over the prefix queries and the window's queries, and, for the window's queries, their share of
     dQ (ds k) added to DQACC (B*H, N, HEAD_D) fp32 rows that only this window's program touches
-    (deterministic, no atomics; a launch with key_offset = 0 starts the sums). A window's keys take
-    one launch of wide tiles and, for its last T mod BLOCK rows, one of 16-row tiles; the last launch
-    (FINISH) adds the prefix keys' share of the window's dQ and scales and stores it. (The prefix
-    queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
+    (deterministic, no atomics; a launch with key_offset = 0 starts the sums, a later launch over
+    further key tiles would continue them). FINISH adds the prefix keys' share of the window's dQ and
+    scales and stores it; the plan launches the kernel once, over all of a window's key tiles. (The
+    prefix queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
     """
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT

@@ -138,7 +138,7 @@ def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None)
     """dK/dV launches, then dQ launches (delta's one launch is not listed: no matmul).
 
     Windowed: the prefix keys' dK/dV and the prefix queries' dQ (16-row global-mode launches, they
-    see everything), then, where the table has its tiles (``configs.window_tiles``), one program per
+    see everything), then, where the table has its tile (``configs.window_tile``), one program per
     window (``attn_bwd_window_kernel``) for the rest: 5 products a visible pair, dQ summed in a fixed
     order by the program that owns the window; elsewhere windowed dK/dV and dQ launches (7 products).
     """
@@ -155,8 +155,8 @@ def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None)
     for kernel in ("dkdv", "dq") if P else ():
         small = table[kernel + "_prefix", bd, elem_size, False]
         launches.append(Launch(kernel, kernel + "_prefix", small, False, 0, P, 1, 0, -(-P // SMALL)))
-    tiles = configs.window_tiles(table, head_dim, elem_size)
-    if tiles is None:  # no audited per-window tile here: dK/dV and dQ launches over the windows
+    tile = configs.window_tile(table, head_dim, elem_size, T)
+    if tile is None:  # no audited per-window tile here: dK/dV and dQ launches over the windows
         return launches + [
             launch
             for kernel in ("dkdv", "dq")
@@ -164,10 +164,6 @@ def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None)
                 kernel, table, bd, elem_size, True, P, T, (n - P) // T, _wide_keys(kernel, bd, elem_size, T, table)
             )  # fmt: skip
         ]
-    n_win = (n - P) // T
-    main, tail = split_segment(T, tiles[0].block_m)
-    if n_win and main:  # keys of each window: wide tiles, then 16-key tiles; the last launch finishes dQ
-        launches.append(Launch("window", "window", tiles[0], True, P, T, n_win, 0, main))
-    if n_win and tail:
-        launches.append(Launch("window", "window_tail", tiles[1], True, P, T, n_win, main * tiles[0].block_m, tail))
+    if n > P:  # one program per window walks its T / BLOCK key tiles
+        launches.append(Launch("window", "window", tile, True, P, T, (n - P) // T, 0, T // tile.block_m))
     return launches

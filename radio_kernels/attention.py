@@ -18,9 +18,11 @@ The output is (B, H, N, D) laid out in memory as (B, N, H, D), so that
 
 Backends: ``"torch"`` runs ``reference.attention`` (SDPA, per-window copies for the prefix case);
 ``"triton"`` runs the fused flash-style kernels of ``_attention_kernels`` (forward and a
-deterministic backward, float16 / bfloat16 / float32 with TF32 dots, head dim <= 128).
+deterministic backward, head dim <= 128; launch plan: ``_attention_plan``). On GPUs they ship for
+sm_90 (H100 / H200) and float16 / bfloat16, where their tiles are audited (see
+``_attention_configs.SHIPPED_ARCHS``); the interpreter runs them on CPU in any float dtype.
 ``"auto"`` takes Triton on CUDA and falls back to the reference for what the kernels do not
-cover (float64, head dim > 128, GPUs before sm_80).
+cover (float64, float32 on a GPU, head dim > 128, GPUs other than sm_90).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def triton_supports(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
         # offsets are int64. Only sequence-major layouts of huge tensors get here.
         return "the Triton kernels need N * (token stride) < 2**31; pass q, k, v in (B, N, H, D) storage"
     if q.is_cuda and not interpreter_enabled():  # the interpreter runs its own table on any device
-        if reason := configs.unsupported_capability(*configs._capability(q.device.index)):
+        dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(q.dtype, "fp32")
+        if reason := configs.unshipped_reason(*configs._capability(q.device.index), dtype_name):
             return reason
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         # B * H runs on the launch grid's second axis, which CUDA caps at 65535.

@@ -108,6 +108,6 @@ def test_windowed_backward_covers_every_key_once(table, P, T, windows, D):
             keys += [row for row, _ in owned_rows(launch, 0)]
     assert sorted(keys) == list(range(N))
     uses_window_kernel = any(x.kernel == "window" for x in launches)
-    assert uses_window_kernel == (configs.window_tiles(table, D, 2) is not None)
+    assert uses_window_kernel == (configs.window_tile(table, D, 2, T) is not None)
     if uses_window_kernel:  # 5 products a pair: no windowed dQ launch
         assert not any(x.kernel == "dq" and x.windowed for x in launches)

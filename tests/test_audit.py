@@ -1,11 +1,12 @@
 """The static GPU audit (python -m radio_kernels.audit) compiles for sm_90 / 100 / 80 / 86 / 89 / 120 without a GPU.
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
-Here: the loss kernels in full (every shipped configuration, each arch), every other registered
-kernel on its ``--sample`` subset (attention: the global bf16 D=64 / D=128 tiles, which must use
-HGMMA on sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of
-shared memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a
-device gets) in-process. The full audit (~1570 compilations) runs in CI: ``python -m radio_kernels.audit``.
+Here: every registered kernel on its ``--sample`` subset (the loss kernels: their first and last
+configuration on each arch; attention: the global bf16 D=64 / D=128 tiles, which must use HGMMA on
+sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of shared
+memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a device
+gets) in-process. The full audit (every configuration, ~3600 compilations) runs in CI:
+``python -m radio_kernels.audit``.
 """
 
 import os
@@ -71,24 +72,26 @@ def registered(listing) -> dict[str, dict[str, int]]:
     return counts
 
 
-def test_loss_kernels_audit_in_full(registered):
+def test_loss_kernels_audit_sample(registered):
+    """The loss kernels' first and last configuration (CI's full audit compiles all ~900) on every arch."""
     args = [a for name in LOSS_KERNELS for a in ("--only", name)]
-    proc = run_audit(*args)
+    proc = run_audit("--sample", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
     for name in LOSS_KERNELS:
         mine = [r for r in rows if r[0] == name]
-        # every configuration, once per arch, with register counts and no spills
-        assert registered[name] == dict.fromkeys(ARCH_NAMES, len(mine) // len(ARCH_NAMES)), name
-        assert {r[2] for r in mine} == ARCH_NAMES
+        assert registered[name].keys() == ARCH_NAMES and min(registered[name].values()) >= 1, name
+        assert {r[2] for r in mine} == ARCH_NAMES, name
         assert all(r[-1] == "ok" and r[4] == "0/0" and 0 < int(r[3]) <= 255 for r in mine), mine
     assert "all ok" in proc.stdout
 
 
-def test_sample_of_other_kernels_on_every_arch(registered):
-    """Every non-loss kernel's sample compiles spill-free on every arch; wgmma where it must be."""
+def test_sample_of_the_attention_kernels_on_sm90(registered):
+    """The attention kernels ship for sm_90 / 16-bit only (``configs.SHIPPED_ARCHS``); their sample
+    compiles spill-free there, with HGMMA, and the forward's TMA variant loads through UTMALDG."""
     others = sorted(set(registered) - set(LOSS_KERNELS))
     assert set(ATTENTION_MAIN) <= set(others)
+    assert all(set(registered[name]) == {"sm_90"} for name in others), {n: registered[n] for n in others}
     proc = run_audit("--sample", *[a for name in others for a in ("--only", name)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
@@ -97,23 +100,13 @@ def test_sample_of_other_kernels_on_every_arch(registered):
     for name in ATTENTION_MAIN:
         mine = [r for r in rows if r[0] == name]
         for d in (64, 128):
-            hopper = [r for r in mine if r[2] == "sm_90" and f"global bf16 D={d} " in r[1]]
+            hopper = [r for r in mine if f"global bf16 D={d} " in r[1]]
             assert len(hopper) == 1 and hopper[0][7] == "HGMMA", (name, d, hopper)
-            blackwell = [r for r in mine if r[2] == "sm_100" and f"global bf16 D={d} " in r[1]]
-            assert len(blackwell) == 1 and blackwell[0][7] == "UTCHMMA", (name, d, blackwell)  # tcgen05
-        # Ampere's own tiles (the 16-bit D=128 forward and dK/dV, the fp32 dQ) are in the sample
-        assert any(r[2] == "sm_80" and "D=128" in r[1] for r in mine), name
-        # the consumer table's fp32 D=128 tiles, cut to 99 KB of shared memory
-        for arch in ("sm_86", "sm_89", "sm_120"):
-            assert any(r[2] == arch and "fp32 D=128" in r[1] for r in mine), (name, arch)
-        assert all(r[7] == "HMMA" for r in mine if r[2] not in ("sm_90", "sm_100")), name
+    tma = [r for r in rows if r[0] == "attn_fwd_kernel" and "global tma bf16" in r[1]]
+    assert tma and all(r[7] == "HGMMA+UTMALDG" for r in tma), tma
     summary = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("sm_")}
-    for arch, op in (("sm_90", "HGMMA"), ("sm_100", "UTCHMMA")):
-        found = re.search(rf"{op} in (\d+)/(\d+)", summary[arch])
-        assert found and found[1] == found[2] and int(found[2]) >= 6, summary[arch]
-    assert " 0 spill, 0 over 163 KB shared, 0 errors" in summary["sm_80"]
-    for arch in ("sm_86", "sm_89", "sm_120"):
-        assert " 0 spill, 0 over 99 KB shared, 0 errors" in summary[arch]
+    found = re.search(r"HGMMA in (\d+)/(\d+)", summary["sm_90"])
+    assert found and found[1] == found[2] and int(found[2]) >= 6, summary["sm_90"]
 
 
 def test_failures_are_reported():
@@ -171,35 +164,29 @@ def test_duplicates_merge_into_one_compilation_per_arch():
     ]
 
 
-def test_attention_registry_ships_each_table_to_its_arch(listing):
-    """A table's own tiles ship to its archs only: Ampere's (shared by the consumer table) to sm_80,
-    sm_86 and sm_120, the Hopper tiles they replace to sm_90, the consumer-only ones to sm_86 / sm_120."""
-
-    def shipped(prefix: str) -> set[tuple[str, str, str]]:
-        rows = [line.split("\t") for line in listing if line.startswith(prefix)]
-        return {(row[1].split(" D=128 ")[1], row[2], row[4]) for row in rows}
-
-    assert shipped("attn_bwd_dkdv_kernel\tdkdv global bf16 D=128 ") == {
-        ("BLOCK_N=128 BLOCK_M=32", "num_warps=8", "sm_90,sm_100"),  # configs.HOPPER_TABLE, BLACKWELL_TABLE
-        ("BLOCK_N=64 BLOCK_M=32", "num_warps=8", "sm_80,sm_86,sm_89,sm_120"),  # configs.AMPERE_TABLE, CONSUMER_TABLE
-    }
-    assert shipped("attn_bwd_dkdv_kernel\tdkdv global fp32 D=128 ") == {
-        ("BLOCK_N=32 BLOCK_M=32", "num_warps=4", "sm_90,sm_80"),  # Hopper's fp32 tile, kept by Ampere
-        ("BLOCK_N=32 BLOCK_M=16", "num_warps=4", "sm_100,sm_86,sm_89,sm_120"),  # BLACKWELL_TABLE, CONSUMER_TABLE
+def test_attention_registry_ships_hopper_16_bit_only(listing):
+    """The attention kernels are registered for sm_90 in fp16 / bf16 only (what ships); the other
+    tables keep their own tiles (run under the interpreter) for the v2 re-tuning."""
+    attention = [line.split("\t") for line in listing if line.startswith("attn_")]
+    assert attention and all(row[4] == "sm_90" for row in attention)
+    assert not any(" fp32 " in row[1] for row in attention)
+    assert {row[1].split(" D=128 ")[1] for row in attention if row[1].startswith("dkdv global bf16 D=128 ")} == {
+        "BLOCK_N=128 BLOCK_M=32"
     }
     for arch, table in configs.GPU_TABLES.items():
         expected = (
             configs.Tile(128, 32, 8, 3) if arch in (configs.HOPPER, configs.BLACKWELL) else configs.Tile(64, 32, 8, 3)
         )
         assert table["dkdv", 128, 2, False] == expected
-    # merged duplicates: a tile all tables share is one entry for every arch, listed once
+    # merged duplicates: one entry per binary, listed once
     configs_only = [line.rsplit("\t", 2)[0] if line.endswith("expect_wgmma") else line.rsplit("\t", 1)[0]
                     for line in listing]  # fmt: skip
     assert len(configs_only) == len(set(configs_only))
-    everywhere = "\tsm_90,sm_100,sm_80,sm_86,sm_89,sm_120\t"
-    assert any(line.startswith("attn_fwd_kernel\tfwd global bf16 D=64 ") and everywhere in line for line in listing)
-    # every Hopper 16-bit tile of 64+ rows is checked for HGMMA
-    assert sum(line.endswith("expect_wgmma") for line in listing) > 50
+    # the loss kernels ship everywhere
+    everywhere = "\tsm_90,sm_100,sm_80,sm_86,sm_89,sm_120"
+    assert any(line.startswith("_mesa_fwd_kernel\t") and everywhere in line for line in listing)
+    # every Hopper 16-bit attention tile of 64+ rows is checked for HGMMA
+    assert sum(line.startswith("attn_") and line.endswith("expect_wgmma") for line in listing) > 50
 
 
 @pytest.mark.parametrize(
@@ -256,3 +243,21 @@ def test_tables_cover_the_same_launches_and_the_consumer_one_differs_only_where_
 def test_audit_rejects_unknown_kernel_name():
     proc = run_audit("--only", "no_such_kernel")
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "match"),
+    [
+        ((9, 0), "bf16", None),
+        ((9, 0), "fp16", None),
+        ((9, 0), "fp32", "float16 or bfloat16"),
+        ((8, 0), "bf16", "sm_90"),
+        ((10, 0), "bf16", "sm_90"),
+        ((12, 0), "fp16", "sm_90"),
+        ((7, 5), "bf16", "compute capability >= 8.0"),
+    ],
+)
+def test_attention_ships_where_audited(capability, dtype, match):
+    """On a GPU the attention kernels run where their tiles are audited; elsewhere auto takes PyTorch."""
+    reason = configs.unshipped_reason(*capability, dtype)
+    assert reason is None if match is None else match in reason
