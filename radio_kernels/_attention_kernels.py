@@ -105,6 +105,25 @@ def _store_rows(base, rows, stride, row_ok, x, OFF: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
+def _load_pair(
+    A, B, rows, stride_a, stride_b, limit,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """(a0, a1, b0, b1): head-dim chunk 0 (D0 wide) and chunk 1 (DC1 wide, the contraction width) of
+    two tensors' rows < limit, as the products that contract over D read them. With one chunk, a1 and
+    b1 are a0 and b0 (unused)."""
+    a0 = _load_rows(A, rows, stride_a, limit, 0, D0, HEAD_D, True)
+    b0 = _load_rows(B, rows, stride_b, limit, 0, D0, HEAD_D, True)
+    if DC1 > 0:
+        a1 = _load_rows(A, rows, stride_a, limit, D0, DC1, HEAD_D, True)
+        b1 = _load_rows(B, rows, stride_b, limit, D0, DC1, HEAD_D, True)
+    else:
+        a1 = a0
+        b1 = b0
+    return a0, a1, b0, b1
+
+
+@triton.jit
 def _row_tile(row_base, seg_len, seg_offset, tiles_per_seg, BLOCK: tl.constexpr):
     """(segment index, segment start, segment end, first row) of this program's tile."""
     pid = tl.program_id(0)
@@ -500,14 +519,7 @@ def attn_bwd_dkdv_kernel(
     keys = col_start + tl.arange(0, BLOCK_N)
     Kh = K + b * stride_kb + h * stride_kh
     Vh = V + b * stride_vb + h * stride_vh
-    k0 = _load_rows(Kh, keys, stride_kn, seg_end, 0, D0, HEAD_D, True)
-    v0 = _load_rows(Vh, keys, stride_vn, seg_end, 0, D0, HEAD_D, True)
-    if DC1 > 0:
-        k1 = _load_rows(Kh, keys, stride_kn, seg_end, D0, DC1, HEAD_D, True)
-        v1 = _load_rows(Vh, keys, stride_vn, seg_end, D0, DC1, HEAD_D, True)
-    else:
-        k1 = k0  # unused
-        v1 = v0
+    k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
     Qh = Q + b * stride_qb + h * stride_qh
     DOh = DO + b * stride_dob + h * stride_doh
     lse_ptr = LSE + pid_bh.to(tl.int64) * N
@@ -607,14 +619,7 @@ def attn_bwd_dq_kernel(
     row_ok = rows < seg_end
     Qh = Q + b * stride_qb + h * stride_qh
     DOh = DO + b * stride_dob + h * stride_doh
-    q0 = _load_rows(Qh, rows, stride_qn, seg_end, 0, D0, HEAD_D, True)
-    do0 = _load_rows(DOh, rows, stride_don, seg_end, 0, D0, HEAD_D, True)
-    if DC1 > 0:
-        q1 = _load_rows(Qh, rows, stride_qn, seg_end, D0, DC1, HEAD_D, True)
-        do1 = _load_rows(DOh, rows, stride_don, seg_end, D0, DC1, HEAD_D, True)
-    else:
-        q1 = q0  # unused
-        do1 = do0
+    q0, q1, do0, do1 = _load_pair(Qh, DOh, rows, stride_qn, stride_don, seg_end, HEAD_D, D0, DC1)
     # Rows past the segment: q = do = 0 and lse = +inf make p = 0, so they add nothing anywhere.
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
@@ -677,14 +682,7 @@ def attn_bwd_window_kernel(
     key_lo = seg_start + key_offset
     for kb in range(key_lo, tl.minimum(key_lo + key_tiles * BLOCK_N, seg_end), BLOCK_N):
         keys = kb + tl.arange(0, BLOCK_N)
-        k0 = _load_rows(Kh, keys, stride_kn, seg_end, 0, D0, HEAD_D, True)
-        v0 = _load_rows(Vh, keys, stride_vn, seg_end, 0, D0, HEAD_D, True)
-        if DC1 > 0:
-            k1 = _load_rows(Kh, keys, stride_kn, seg_end, D0, DC1, HEAD_D, True)
-            v1 = _load_rows(Vh, keys, stride_vn, seg_end, D0, DC1, HEAD_D, True)
-        else:
-            k1 = k0  # unused
-            v1 = v0
+        k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
         if D1 > 0 and D1 != DC1:
             k1x = _load_rows(Kh, keys, stride_kn, seg_end, D0, D1, HEAD_D, True)
         else:
@@ -733,14 +731,7 @@ def _window_dq_finish(
     for qb in range(seg_start, seg_end, BLOCK_M):
         rows = qb + tl.arange(0, BLOCK_M)
         row_ok = rows < seg_end
-        q0 = _load_rows(Qh, rows, stride_qn, seg_end, 0, D0, HEAD_D, True)
-        do0 = _load_rows(DOh, rows, stride_don, seg_end, 0, D0, HEAD_D, True)
-        if DC1 > 0:
-            q1 = _load_rows(Qh, rows, stride_qn, seg_end, D0, DC1, HEAD_D, True)
-            do1 = _load_rows(DOh, rows, stride_don, seg_end, D0, DC1, HEAD_D, True)
-        else:
-            q1 = q0  # unused
-            do1 = do0
+        q0, q1, do0, do1 = _load_pair(Qh, DOh, rows, stride_qn, stride_don, seg_end, HEAD_D, D0, DC1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         dq0 = _load_rows(dq_ptr, rows, HEAD_D, seg_end, 0, D0, HEAD_D, True)

@@ -29,7 +29,7 @@ from ._attention_kernels import (
     _dq_range,
     _fwd_init,
     _fwd_range,
-    _load_rows,
+    _load_pair,
     _store_rows,
 )
 
@@ -97,14 +97,7 @@ def attn_varlen_bwd_dkdv_kernel(
     keys = col_start + tl.arange(0, BLOCK_N)
     Kh = K + b * stride_kb + h * stride_kh
     Vh = V + b * stride_vb + h * stride_vh
-    k0 = _load_rows(Kh, keys, stride_kn, seq_end, 0, D0, HEAD_D, True)
-    v0 = _load_rows(Vh, keys, stride_vn, seq_end, 0, D0, HEAD_D, True)
-    if DC1 > 0:
-        k1 = _load_rows(Kh, keys, stride_kn, seq_end, D0, DC1, HEAD_D, True)
-        v1 = _load_rows(Vh, keys, stride_vn, seq_end, D0, DC1, HEAD_D, True)
-    else:
-        k1 = k0  # unused
-        v1 = v0
+    k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seq_end, HEAD_D, D0, DC1)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
@@ -144,14 +137,7 @@ def attn_varlen_bwd_dq_kernel(
     row_ok = rows < seq_end
     Qh = Q + b * stride_qb + h * stride_qh
     DOh = DO + b * stride_dob + h * stride_doh
-    q0 = _load_rows(Qh, rows, stride_qn, seq_end, 0, D0, HEAD_D, True)
-    do0 = _load_rows(DOh, rows, stride_don, seq_end, 0, D0, HEAD_D, True)
-    if DC1 > 0:
-        q1 = _load_rows(Qh, rows, stride_qn, seq_end, D0, DC1, HEAD_D, True)
-        do1 = _load_rows(DOh, rows, stride_don, seq_end, D0, DC1, HEAD_D, True)
-    else:
-        q1 = q0  # unused
-        do1 = do0
+    q0, q1, do0, do1 = _load_pair(Qh, DOh, rows, stride_qn, stride_don, seq_end, HEAD_D, D0, DC1)
     # Rows past the segment: q = do = 0 and lse = +inf make p = 0, so they add nothing.
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
