@@ -455,7 +455,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                         kernel=kernel,
                         label=f"window {dtype} D={d} BLOCK_N={tile.block_m} BLOCK_M={tile.block_n}",
                         signature=sig(kernel, ptrs),
-                        constexprs={**base, "FINISH": True, "BLOCK_N": tile.block_m, "BLOCK_M": tile.block_n},
+                        constexprs={**base, "BLOCK_N": tile.block_m, "BLOCK_M": tile.block_n},
                         num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True, archs=(arch,),
                         expect_wgmma=True, sample=sampled,
                     ))  # fmt: skip

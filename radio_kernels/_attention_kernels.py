@@ -649,19 +649,18 @@ def attn_bwd_window_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_gb, stride_gh, stride_gn,
-    H, N, P, T, key_offset, key_tiles, qk_scale, sm_scale,
-    FINISH: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    H, N, P, T, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair.
+    """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair (T a
+    multiple of BLOCK_N).
 
-    For each of the ``key_tiles`` BLOCK_N tiles of the window's keys from ``key_offset`` on: dK, dV
-    over the prefix queries and the window's queries, and, for the window's queries, their share of
-    dQ (ds k) added to DQACC (B*H, N, HEAD_D) fp32 rows that only this window's program touches
-    (deterministic, no atomics; a launch with key_offset = 0 starts the sums, a later launch over
-    further key tiles would continue them). FINISH adds the prefix keys' share of the window's dQ and
-    scales and stores it; the plan launches the kernel once, over all of a window's key tiles. (The
-    prefix queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
+    For each BLOCK_N tile of the window's keys: dK, dV over the prefix queries and the window's
+    queries, and, for the window's queries, their share of dQ (ds k) added to DQACC (B*H, N, HEAD_D)
+    fp32 rows that only this program touches (deterministic, no atomics; the first key tile starts
+    the sums). Then the window's dQ gets the prefix keys' share and is scaled and stored. (The prefix
+    queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
     """
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
@@ -679,8 +678,7 @@ def attn_bwd_window_kernel(
     delta_ptr = DELTA + pid_bh.to(tl.int64) * N
     dq_ptr = DQACC + pid_bh.to(tl.int64) * N * HEAD_D
 
-    key_lo = seg_start + key_offset
-    for kb in range(key_lo, tl.minimum(key_lo + key_tiles * BLOCK_N, seg_end), BLOCK_N):
+    for kb in range(seg_start, seg_end, BLOCK_N):
         keys = kb + tl.arange(0, BLOCK_N)
         k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
         if D1 > 0 and D1 != DC1:
@@ -714,10 +712,10 @@ def attn_bwd_window_kernel(
         # dQ rows are read back in the next key tile (and below) by threads of other layouts.
         tl.debug_barrier()
 
-    if FINISH:  # the window's dQ: add the prefix keys' share, scale, store
-        _window_dq_finish(Qh, Kh, Vh, DOh, DQ + b * stride_gb + h * stride_gh, lse_ptr, delta_ptr, dq_ptr,
-                          stride_qn, stride_kn, stride_vn, stride_don, stride_gn, seg_start, seg_end, P,
-                          qk_scale, sm_scale, HEAD_D, D0, D1, DC1, BLOCK_M, BLOCK_S)  # fmt: skip
+    # The window's dQ: add the prefix keys' share, scale, store.
+    _window_dq_finish(Qh, Kh, Vh, DOh, DQ + b * stride_gb + h * stride_gh, lse_ptr, delta_ptr, dq_ptr,
+                      stride_qn, stride_kn, stride_vn, stride_don, stride_gn, seg_start, seg_end, P,
+                      qk_scale, sm_scale, HEAD_D, D0, D1, DC1, BLOCK_M, BLOCK_S)  # fmt: skip
 
 
 @triton.jit

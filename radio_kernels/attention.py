@@ -301,15 +301,15 @@ def attention_backward(do, q, k, v, out, lse, num_prefix: int, window_tokens: in
     delta, (dq, dk, dv), strides, common = backward_setup(do, q, k, v, out, lse)
     common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=common["STRIDE_UNIT"])
     launches = plan.backward_plan(N, num_prefix, window_tokens, D, q.element_size(), configs.active_table())
-    windows = [launch for launch in launches if launch.kernel == "window"]
     # dQ of the windows' queries, summed over their key tiles in fp32 by the program owning the window.
-    dq_acc = _empty((B * H, N, D), torch.float32, q.device) if windows else None
+    windowed = any(launch.kernel == "window" for launch in launches)
+    dq_acc = _empty((B * H, N, D), torch.float32, q.device) if windowed else None
     for launch in launches:
         tile = launch.tile
         if launch.kernel == "window":
             attn_bwd_window_kernel[(launch.n_seg, B * H)](
                 q, k, v, do, dq, dk, dv, lse, delta, dq_acc, *strides, H, N, num_prefix, window_tokens,
-                launch.seg_offset, launch.tiles_per_seg, scale * LOG2E, scale, FINISH=launch is windows[-1],
+                scale * LOG2E, scale,
                 BLOCK_M=tile.block_n, BLOCK_N=tile.block_m, num_warps=tile.num_warps,
                 num_stages=tile.num_stages, **common,
             )  # fmt: skip

@@ -107,8 +107,7 @@ def executed_flops(launches: list[Launch], n: int, p: int, head_dim: int) -> int
             t, step = launch.seg_len, launch.tile.block_n
             key_rows = launch.tiles_per_seg * launch.tile.block_m
             one = key_rows * (_walked(p, SMALL) * per_pair(2, 2) + _walked(t, step) * per_pair(2, 3))
-            if launch is [x for x in launches if x.kernel == "window"][-1]:  # FINISH: dQ's prefix keys
-                one += -(-t // step) * step * _walked(p, SMALL) * per_pair(2, 1)
+            one += -(-t // step) * step * _walked(p, SMALL) * per_pair(2, 1)  # dQ's prefix keys
             total += launch.n_seg * one
             continue
         per = per_pair(*PRODUCTS[launch.kernel])
@@ -128,11 +127,10 @@ def planned_bytes(launches: list[Launch], n: int, p: int, head_dim: int, es: int
         walked = (p + launch.n_seg * launch.seg_len) if launch.windowed else n
         if launch.kernel == "window":
             t = launch.seg_len
-            keys = min(t - launch.seg_offset, launch.tiles_per_seg * launch.tile.block_m)
-            total += launch.n_seg * (t * (2 * row + 8) + keys * 4 * row)  # q, do, lse, delta; k, v, dk, dv
+            total += launch.n_seg * t * (6 * row + 8)  # q, do, lse, delta, k, v read; dk, dv written
             total += p * (2 * row + 8)  # the prefix q, do
             total += launch.n_seg * t * head_dim * 4 * 2 * launch.tiles_per_seg  # fp32 dQ sums, per key tile
-            total += launch.n_seg * t * row if launch is [x for x in launches if x.kernel == "window"][-1] else 0
+            total += launch.n_seg * t * row  # dq written
             continue
         if not backward:
             total += rows * (2 * row + 4)  # q read, o + lse written
@@ -234,8 +232,8 @@ KERNEL_NAMES = {"fwd": "attn_fwd_kernel", "combine": "attn_fwd_prefix_combine_ke
                 "dkdv": "attn_bwd_dkdv_kernel", "window": "attn_bwd_window_kernel"}  # fmt: skip
 
 
-def launch_constexprs(launch: Launch, launches: list[Launch], head_dim: int, use_tma: bool) -> dict:
-    """The constexprs ``attention.py`` passes for ``launch`` (one of ``launches``, the plan of a pass)."""
+def launch_constexprs(launch: Launch, head_dim: int, use_tma: bool) -> dict:
+    """The constexprs ``attention.py`` passes for ``launch``."""
     from ._attention_plan import chunk_constexprs
 
     out = dict(**chunk_constexprs(head_dim), BLOCK_S=SMALL)
@@ -245,7 +243,7 @@ def launch_constexprs(launch: Launch, launches: list[Launch], head_dim: int, use
     rows, cols = ("BLOCK_N", "BLOCK_M") if launch.kernel in ("dkdv", "window") else ("BLOCK_M", "BLOCK_N")
     out |= {rows: tile.block_m, cols: tile.block_n}
     if launch.kernel == "window":
-        return out | {"FINISH": launch is [x for x in launches if x.kernel == "window"][-1]}
+        return out
     out["WINDOWED"] = launch.windowed
     if launch.kernel == "fwd":
         out["USE_TMA"] = use_tma
@@ -276,7 +274,7 @@ def compiled_facts(jobs: int = 2) -> list[dict]:
         for launches in (forward_plan(n, PREFIX, t, d, 2, configs.HOPPER_TABLE),
                          backward_plan(n, PREFIX, t, d, 2, configs.HOPPER_TABLE)):  # fmt: skip
             for launch in launches:
-                want = launch_constexprs(launch, launches, d, configs.uses_tma(configs.HOPPER_TABLE, 2))
+                want = launch_constexprs(launch, d, configs.uses_tma(configs.HOPPER_TABLE, 2))
                 options = (launch.tile.num_warps, launch.tile.num_stages)
                 regs_cap = (
                     configs.fwd_max_regs(configs.HOPPER_TABLE, d, 2, launch.tile) if launch.kernel == "fwd" else None
