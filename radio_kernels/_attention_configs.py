@@ -236,6 +236,15 @@ WINDOW_HEAD_DIMS = range(64, 97)
 WINDOW_TILES = {"hopper": Tile(64, 16, 4, 1), "interpret": Tile(32, 16, 4, 1)}
 
 
+# Keys a prefix program of the windowed forward walks (whole windows, at least one): ~16 key blocks, a
+# few times a window tile's walk. The interpreter's is small so that tests cross several groups.
+PREFIX_PART_KEYS = {"gpu": 1024, "interpret": 32}
+
+
+def prefix_part_keys(table) -> int:
+    return PREFIX_PART_KEYS["interpret" if table is INTERPRET_TABLE else "gpu"]
+
+
 def uses_tma(table, elem_size: int) -> bool:
     """Whether the forward's full key blocks load through tensor descriptors (TMA) on ``table``'s GPU:
     Hopper, 16-bit (audited for UTMALDG on sm_90); the interpreter too, so that path is checked
@@ -243,11 +252,12 @@ def uses_tma(table, elem_size: int) -> bool:
     return table is INTERPRET_TABLE or (table is HOPPER_TABLE and elem_size == 2)
 
 
-def fwd_max_regs(table, head_dim: int, elem_size: int, tile: Tile) -> int | None:
-    """``maxnreg`` of a forward launch: 128 for Hopper's 8-warp 16-bit tiles up to D = 80, so that two
-    blocks share an SM (ptxas wants 131-132 with TMA at D = 80 otherwise: one block; with the cap it
-    stays spill-free, audited), else None (ptxas chooses)."""
-    if table is HOPPER_TABLE and elem_size == 2 and head_dim <= 80 and tile.num_warps == 8:
+def fwd_max_regs(table, head_dim: int, elem_size: int, tile: Tile, tma: bool) -> int | None:
+    """``maxnreg`` of a forward launch: 128 for Hopper's 8-warp 16-bit TMA tiles up to D = 80, so that
+    two blocks share an SM (ptxas wants 131-150 otherwise: one block; with the cap it stays spill-free,
+    audited), else None (ptxas chooses; the pointer path, for K / V rows that are not 16-byte aligned,
+    spills a few bytes under the cap at D = 72)."""
+    if table is HOPPER_TABLE and elem_size == 2 and head_dim <= 80 and tile.num_warps == 8 and tma:
         return 128
     return None
 
@@ -366,7 +376,7 @@ SAMPLE = {
 
 
 def _variants(launch: str) -> list[tuple[str, str, bool, bool]]:
-    """(label, tile launch, narrow, WINDOWED) of each way attention.py launches ``launch`` (see
+    """(label, tile launch, narrow, WINDOWED) of each way attention.py launches dQ or dK/dV (see
     ``_attention_plan``): wide tiles, global or windowed (64-row "narrow" ones for short windows), and
     16-row tiles for prefix rows / global tails (not windowed) and window tails (windowed)."""
     small = launch + "_prefix"
@@ -395,12 +405,13 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
         attn_bwd_window_kernel,
         attn_fwd_kernel,
         attn_fwd_prefix_combine_kernel,
+        attn_fwd_window_kernel,
     )
     from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
 
     floats = ("qk_scale", "sm_scale")
-    kernels = {"fwd": attn_fwd_kernel, "dq": attn_bwd_dq_kernel, "dkdv": attn_bwd_dkdv_kernel}
+    kernels = {"dq": attn_bwd_dq_kernel, "dkdv": attn_bwd_dkdv_kernel}
 
     def sig(kernel, ptrs):
         names = [p.name for p in kernel.params if not p.is_constexpr]
@@ -421,29 +432,38 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                 bd, unit = block_d_of(d), 16 if d % 16 == 0 else 8
                 base = dict(**chunk_constexprs(d), BLOCK_S=SMALL, STRIDE_UNIT=unit)
                 sampled = (dtype, d) in SAMPLE[arch]
+                # The forward: global (wide tiles), windowed (the wide or narrow tile with its 16-row
+                # tails and prefix programs in one kernel); TMA where the table says so, and the pointer
+                # path for K / V rows that are not 16-byte aligned.
+                tma_options = (False, True) if uses_tma(table, es) else (False,)
+                for (label, kernel, narrow), tma in itertools.product(
+                    (("global", attn_fwd_kernel, False), ("windowed", attn_fwd_window_kernel, False),
+                     ("windowed-narrow", attn_fwd_window_kernel, True)), tma_options,
+                ):  # fmt: skip
+                    tile = table["fwd", bd, es, narrow]
+                    out.append(AuditConfig(
+                        kernel=kernel,
+                        label=f"fwd {label}{' tma' * tma} {dtype} D={d} BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}",
+                        signature=sig(kernel, ptrs),
+                        constexprs={**base, "USE_TMA": tma, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n},
+                        num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True, archs=(arch,),
+                        expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
+                        expect_tma=tma, max_regs=fwd_max_regs(table, d, es, tile, tma),
+                        sample=sampled and label in ("global", "windowed"),
+                    ))  # fmt: skip
                 for launch, kernel in kernels.items():
                     # The kernel's rows are BLOCK_M for queries, BLOCK_N for dK/dV's keys.
                     rows, cols = ("BLOCK_N", "BLOCK_M") if launch == "dkdv" else ("BLOCK_M", "BLOCK_N")
-                    # The forward takes TMA where the table says so, and the pointer path for K / V rows
-                    # that are not 16-byte aligned.
-                    tma_options = (False, True) if launch == "fwd" and uses_tma(table, es) else (False,)
-                    for (label, tile_launch, narrow, windowed), tma in itertools.product(
-                        _variants(launch), tma_options
-                    ):
+                    for label, tile_launch, narrow, windowed in _variants(launch):
                         tile = table[tile_launch, bd, es, narrow]
-                        extra = {"USE_TMA": tma} if launch == "fwd" else {}
                         out.append(AuditConfig(
                             kernel=kernel,
-                            label=f"{launch} {label}{' tma' * tma} {dtype} D={d} {rows}={tile.block_m} "
-                                  f"{cols}={tile.block_n}",
+                            label=f"{launch} {label} {dtype} D={d} {rows}={tile.block_m} {cols}={tile.block_n}",
                             signature=sig(kernel, ptrs),
-                            constexprs={**base, **extra, "WINDOWED": windowed, rows: tile.block_m,
-                                        cols: tile.block_n},
+                            constexprs={**base, "WINDOWED": windowed, rows: tile.block_m, cols: tile.block_n},
                             num_warps=tile.num_warps, num_stages=tile.num_stages, uses_dot=True,
                             archs=(arch,),
                             expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
-                            expect_tma=tma,
-                            max_regs=fwd_max_regs(table, d, es, tile) if launch == "fwd" else None,
                             sample=sampled and label == "global",
                         ))  # fmt: skip
                 # The windowed backward's per-window kernel where the table ships it: the wide key tile

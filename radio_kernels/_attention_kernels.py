@@ -19,9 +19,10 @@ Tiling (the launch plan is ``_attention_plan``; it is also what the static model
 
 - Rows come in *segments*: the whole sequence (global), or one window of T rows. A program owns
   BLOCK rows of one segment, never two: segment = pid0 // tiles_per_seg, and its rows start at
-  segment start + seg_offset + (pid0 % tiles_per_seg) * BLOCK. A segment is covered by a main
-  launch of wide tiles and, for its last L mod BLOCK rows, a tail launch of 16-row tiles, so at
-  most 15 rows of a segment are computed and dropped.
+  segment start + seg_offset + (pid0 % tiles_per_seg) * BLOCK. A segment is covered by wide
+  tiles and, for its last L mod BLOCK rows, 16-row tiles (a second launch in the backward, the
+  same launch in the windowed forward), so at most 15 rows of a segment are computed and dropped.
+  The global forward takes ceil(N / BLOCK) wide tiles, the last one partial.
 - Columns are walked per range: full BLOCK_C blocks without masks, then the range's last
   L mod BLOCK_C columns in BLOCK_S (16) wide masked blocks. Windowed rows walk the prefix range
   [0, P) and their own window; other rows walk [0, N).
@@ -33,11 +34,12 @@ Tiling (the launch plan is ``_attention_plan``; it is also what the static model
 - USE_TMA (Hopper, 16-bit, 16-byte aligned rows): the forward's full K / V blocks load through
   tensor descriptors (the tensor-memory accelerator), which zero-fill past HEAD_D; masked blocks and
   every other path load through pointers.
-- Windowed forward: the prefix queries, which see all N keys, do not get a pass of their own over
-  K and V. Each window's segment starts with ceil(P / 16) * 16 virtual rows that hold the prefix
-  queries: they ride in the window's first tile, walk its keys with its rows, and their partial
-  state (m, l, acc) over that window goes to an fp32 buffer; one small combine program per
-  (batch, head) adds the prefix keys and merges the window states in window order (deterministic).
+- Windowed forward: one launch (``attn_fwd_window_kernel``) holds both tile sizes (each window's
+  wide tiles and 16-row tails) and the prefix queries, which see all N keys but get no pass of
+  their own over K and V: a few programs walk the windows' keys for them, a group of windows each,
+  and leave fp32 partial states (m, l, acc); one small combine program per (batch, head) adds the
+  prefix keys and merges the groups in order (deterministic). All programs reading a window's K
+  and V are in one launch, so they share them through L2.
 
 The backward is deterministic: dK/dV programs own a key tile and loop over the queries that see
 it, dQ programs own a query tile and loop over keys (recomputing S and dP: 7 products a pair);
@@ -165,13 +167,12 @@ def _fwd_update(acc0, acc1, l_i, m_i, s, v0, v1, qk_scale, MASKED: tl.constexpr,
 
 @triton.jit
 def _fwd_keys(
-    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale, row_sees,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr,
+    acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, hi, qk_scale,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (acc0, acc1, l_i, m_i) with the key blocks starting in [lo, hi),
-    loaded through pointers. With ROW_MASK (masked blocks only), rows where ``row_sees`` is false
-    see none of these keys."""
+    loaded through pointers."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -181,10 +182,7 @@ def _fwd_keys(
             k1 = _load_rows(K, cols, stride_kn, hi, D0, DC1, HEAD_D, MASKED)
             s = tl.dot(q1, tl.trans(k1), s)
         if MASKED:
-            visible = (cols < hi)[None, :]
-            if ROW_MASK:
-                visible = visible & row_sees[:, None]
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where((cols < hi)[None, :], s, float("-inf"))
         v0 = _load_rows(V, cols, stride_vn, hi, 0, D0, HEAD_D, MASKED)
         if D1 > 0:
             v1 = _load_rows(V, cols, stride_vn, hi, D0, D1, HEAD_D, MASKED)
@@ -246,9 +244,9 @@ def _fwd_range(
                                              BLOCK_N, D0, D1, DC1)  # fmt: skip
     else:
         acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, lo, full,
-                                         qk_scale, l_i, False, BLOCK_N, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+                                         qk_scale, False, BLOCK_N, HEAD_D, D0, D1, DC1)  # fmt: skip
     return _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kn, stride_vn, full, hi,
-                     qk_scale, l_i, True, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+                     qk_scale, True, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
 
 
 @triton.jit
@@ -268,82 +266,167 @@ def _fwd_init(rows, Q, stride_qn, row_ok, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _scale_strides(stride_b, stride_h, stride_n, STRIDE_UNIT: tl.constexpr):
+    return stride_b * STRIDE_UNIT, stride_h * STRIDE_UNIT, stride_n * STRIDE_UNIT
+
+
+@triton.jit
+def _fwd_finish(Oh, lse_ptr, rows, stride_on, row_ok, acc0, acc1, l_i, m_i,
+                HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):  # fmt: skip
+    """Normalise and store the output rows and their base-2 logsumexp where row_ok. Rows that are not
+    stored saw only zeros (l > 0, finite) or nothing (l = 0: divided by 1)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_rows(Oh, rows, stride_on, row_ok, acc0 / l_safe[:, None], 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(Oh, rows, stride_on, row_ok, acc1 / l_safe[:, None], D0, D1, HEAD_D)
+    tl.store(lse_ptr + rows, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, PART_ACC, PART_ML,
+    Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N, P, row_base, seg_len, seg_offset, tiles_per_seg, n_seg, qk_scale,
-    WINDOWED: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr,
-    D1: tl.constexpr, DC1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr, USE_TMA: tl.constexpr,
+    H, N, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """One program: queries of one BLOCK_M tile of one segment (see the module docstring) of
-    batch*head pid1.
-
-    WINDOWED: a window's rows are numbered from PS = ceil(P / BLOCK_S) * BLOCK_S (the segment has
-    PS + seg_len virtual rows), and its virtual rows [0, PS) hold the prefix queries 0..P-1. They
-    walk the window's keys with its own rows (the prefix keys are masked for them: the combine
-    kernel adds those once) and their partial state goes to PART_ACC (BH, n_seg, P, HEAD_D) and
-    PART_ML (BH, n_seg, 2, P), fp32.
-    """
-    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
-    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
-    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
-    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
+    """Global attention, one program: queries [pid0 * BLOCK_M, ...) < N of batch*head pid1 over all N keys.
+    (The last tile is partial: a separate tail launch would stream K and V a second time.)"""
+    stride_qb, stride_qh, stride_qn = _scale_strides(stride_qb, stride_qh, stride_qn, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = _scale_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = _scale_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_on = _scale_strides(stride_ob, stride_oh, stride_on, STRIDE_UNIT)
     pid_bh, b, h = _bh_offsets(H)
-    pid = tl.program_id(0)
-    seg = pid // tiles_per_seg
-    seg_start = row_base + seg * seg_len
-    seg_end = seg_start + seg_len
-    vrows = seg_offset + (pid % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within the segment
-    if WINDOWED:
-        ps = ((P + BLOCK_S - 1) // BLOCK_S) * BLOCK_S
-        is_pre = vrows < ps
-        rows = tl.where(is_pre, vrows, seg_start + vrows - ps)
-        row_ok = tl.where(is_pre, vrows < P, vrows < ps + seg_len)
-    else:
-        is_pre = vrows < 0
-        rows = seg_start + vrows
-        row_ok = vrows < seg_len
-    Qh = Q + b * stride_qb + h * stride_qh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
     Kh = K + b * stride_kb + h * stride_kh
     Vh = V + b * stride_vb + h * stride_vh
-
-    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, row_ok, BLOCK_M, HEAD_D, D0, D1, DC1)
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Q + b * stride_qb + h * stride_qh, stride_qn, row_ok, BLOCK_M,
+                                             HEAD_D, D0, D1, DC1)  # fmt: skip
     if USE_TMA:
         kd0, kd1, vd0, vd1 = _kv_descriptors(Kh, Vh, N, stride_kn, stride_vn, BLOCK_N, HEAD_D, D0, D1, DC1)
     else:
         kd0, kd1, vd0, vd1 = Kh, Kh, Vh, Vh  # unused
-    if WINDOWED:
-        # Prefix keys: in masked BLOCK_S blocks; folded prefix rows skip them.
-        for start_n in range(0, P, BLOCK_S):
-            acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn,
-                                             start_n, tl.minimum(start_n + BLOCK_S, P), qk_scale, ~is_pre,
-                                             True, BLOCK_S, True, HEAD_D, D0, D1, DC1)  # fmt: skip
-        acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn,
-                                          seg_start, seg_end, qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S,
-                                          USE_TMA, HEAD_D, D0, D1, DC1)  # fmt: skip
-    else:
-        acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, N,
-                                          qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S, USE_TMA,
-                                          HEAD_D, D0, D1, DC1)  # fmt: skip
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, N, qk_scale,
+                                      kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S, USE_TMA, HEAD_D, D0, D1, DC1)  # fmt: skip
+    _fwd_finish(O + b * stride_ob + h * stride_oh, LSE + pid_bh.to(tl.int64) * N, rows, stride_on, row_ok,
+                acc0, acc1, l_i, m_i, HEAD_D, D0, D1)  # fmt: skip
 
-    # Rows past the segment saw only zeros (l > 0, finite); they are not stored.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out_ok = row_ok & ~is_pre
-    Oh = O + b * stride_ob + h * stride_oh
-    _store_rows(Oh, rows, stride_on, out_ok, acc0 / l_safe[:, None], 0, D0, HEAD_D)
+
+@triton.jit
+def _fwd_window_rows(
+    Qh, Kh, Vh, Oh, lse_ptr, stride_qn, stride_kn, stride_vn, stride_on, kd0, kd1, vd0, vd1,
+    P, seg_start, seg_end, row_start, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Queries [row_start, row_start + BLOCK) < seg_end of the window [seg_start, seg_end): softmax over
+    the prefix keys and the window's keys; O and LSE stored."""
+    rows = row_start + tl.arange(0, BLOCK)
+    row_ok = rows < seg_end
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, row_ok, BLOCK, HEAD_D, D0, D1, DC1)
+    # The prefix keys (~10) in masked BLOCK_S steps.
+    acc0, acc1, l_i, m_i = _fwd_keys(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, 0, P, qk_scale,
+                                     True, BLOCK_S, HEAD_D, D0, D1, DC1)  # fmt: skip
+    acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, seg_start,
+                                      seg_end, qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S, USE_TMA,
+                                      HEAD_D, D0, D1, DC1)  # fmt: skip
+    _fwd_finish(Oh, lse_ptr, rows, stride_on, row_ok, acc0, acc1, l_i, m_i, HEAD_D, D0, D1)
+
+
+@triton.jit
+def _fwd_prefix_partial(
+    Qh, Kh, Vh, part_acc, part_ml, stride_qn, stride_kn, stride_vn, kd0, kd1, vd0, vd1,
+    P, T, first_window, end_window, prefix_tile, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+):  # fmt: skip
+    """Prefix queries [prefix_tile * BLOCK_S, ...) < P over the keys of windows [first_window, end_window):
+    their unnormalised state (acc, m, l) stored to part_acc (P, HEAD_D) and part_ml (2, P), fp32."""
+    rows = prefix_tile * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_ok = rows < P
+    q0, q1, acc0, acc1, l_i, m_i = _fwd_init(rows, Qh, stride_qn, row_ok, BLOCK_S, HEAD_D, D0, D1, DC1)
+    for w in range(first_window, end_window):
+        seg_start = P + w * T
+        acc0, acc1, l_i, m_i = _fwd_range(acc0, acc1, l_i, m_i, q0, q1, Kh, Vh, stride_kn, stride_vn, seg_start,
+                                          seg_start + T, qk_scale, kd0, kd1, vd0, vd1, BLOCK_N, BLOCK_S, USE_TMA,
+                                          HEAD_D, D0, D1, DC1)  # fmt: skip
+    # Every window holds >= 1 key, so m is finite in every row (rows >= P read q = 0: s = 0).
+    _store_rows(part_acc, rows, HEAD_D, row_ok, acc0, 0, D0, HEAD_D)
     if D1 > 0:
-        _store_rows(Oh, rows, stride_on, out_ok, acc1 / l_safe[:, None], D0, D1, HEAD_D)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_safe), mask=out_ok)
-    if WINDOWED:
-        pre_ok = row_ok & is_pre
-        part = (pid_bh.to(tl.int64) * n_seg + seg) * P
-        _store_rows(PART_ACC + part * HEAD_D, rows, HEAD_D, pre_ok, acc0, 0, D0, HEAD_D)
-        if D1 > 0:
-            _store_rows(PART_ACC + part * HEAD_D, rows, HEAD_D, pre_ok, acc1, D0, D1, HEAD_D)
-        tl.store(PART_ML + part * 2 + rows, m_i, mask=pre_ok)
-        tl.store(PART_ML + part * 2 + P + rows, l_i, mask=pre_ok)
+        _store_rows(part_acc, rows, HEAD_D, row_ok, acc1, D0, D1, HEAD_D)
+    tl.store(part_ml + rows, m_i, mask=row_ok)
+    tl.store(part_ml + P + rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def attn_fwd_window_kernel(
+    Q, K, V, O, LSE, PART_ACC, PART_ML,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    H, N, P, T, wide_tiles, tail_tiles, windows_per_part, n_part, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """The whole windowed forward but the prefix keys' share of the prefix queries, in one launch, so
+    that the programs reading a window's K and V run together (they share them through L2).
+
+    Programs of batch*head pid1, in pid0 order:
+    - n_part * ceil(P / BLOCK_S) *prefix* programs: part j's program for prefix tile i walks the keys of
+      windows [j * windows_per_part, (j + 1) * windows_per_part) for prefix queries [16 i, 16 i + 16) and
+      stores their partial state to PART_ACC (BH, n_part, P, HEAD_D) / PART_ML (BH, n_part, 2, P), fp32;
+      the combine kernel adds the prefix keys and merges the parts in order (deterministic). They come
+      first: they walk the most keys.
+    - per window, wide_tiles tiles of BLOCK_M queries, then tail_tiles of BLOCK_S (16) queries, so no
+      tile spans two windows and at most 15 rows a window are computed and dropped. Each walks the
+      prefix keys and its window's keys and stores its rows' O and LSE.
+
+    The 16-row programs (prefix and tails) walk keys in BLOCK_S steps through pointers: with the wide
+    tiles' BLOCK_N steps their mma.sync tiles need ~180 registers (sm_90) and the kernel, sized by
+    its widest branch, would lose its second block per SM or spill.
+    """
+    stride_qb, stride_qh, stride_qn = _scale_strides(stride_qb, stride_qh, stride_qn, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = _scale_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = _scale_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_on = _scale_strides(stride_ob, stride_oh, stride_on, STRIDE_UNIT)
+    pid_bh, b, h = _bh_offsets(H)
+    Qh = Q + b * stride_qb + h * stride_qh
+    Kh = K + b * stride_kb + h * stride_kh
+    Vh = V + b * stride_vb + h * stride_vh
+    if USE_TMA:
+        kd0, kd1, vd0, vd1 = _kv_descriptors(Kh, Vh, N, stride_kn, stride_vn, BLOCK_N, HEAD_D, D0, D1, DC1)
+    else:
+        kd0, kd1, vd0, vd1 = Kh, Kh, Vh, Vh  # unused
+    prefix_tiles = (P + BLOCK_S - 1) // BLOCK_S
+    pid = tl.program_id(0)
+    if pid < n_part * prefix_tiles:
+        part = pid // prefix_tiles
+        n_seg = (N - P) // T
+        first = part * windows_per_part
+        offset = (pid_bh.to(tl.int64) * n_part + part) * P
+        _fwd_prefix_partial(Qh, Kh, Vh, PART_ACC + offset * HEAD_D, PART_ML + offset * 2, stride_qn, stride_kn,
+                            stride_vn, kd0, kd1, vd0, vd1, P, T, first, tl.minimum(first + windows_per_part, n_seg),
+                            pid % prefix_tiles, qk_scale, BLOCK_S, BLOCK_S, False,
+                            HEAD_D, D0, D1, DC1)  # fmt: skip
+    else:
+        tile = pid - n_part * prefix_tiles
+        seg = tile // (wide_tiles + tail_tiles)
+        j = tile % (wide_tiles + tail_tiles)
+        seg_start = P + seg * T
+        Oh = O + b * stride_ob + h * stride_oh
+        lse_ptr = LSE + pid_bh.to(tl.int64) * N
+        if j < wide_tiles:
+            _fwd_window_rows(Qh, Kh, Vh, Oh, lse_ptr, stride_qn, stride_kn, stride_vn, stride_on,
+                             kd0, kd1, vd0, vd1, P, seg_start, seg_start + T, seg_start + j * BLOCK_M, qk_scale,
+                             BLOCK_M, BLOCK_N, BLOCK_S, USE_TMA, HEAD_D, D0, D1, DC1)  # fmt: skip
+        else:
+            row_start = seg_start + wide_tiles * BLOCK_M + (j - wide_tiles) * BLOCK_S
+            _fwd_window_rows(Qh, Kh, Vh, Oh, lse_ptr, stride_qn, stride_kn, stride_vn, stride_on,
+                             kd0, kd1, vd0, vd1, P, seg_start, seg_start + T, row_start, qk_scale,
+                             BLOCK_S, BLOCK_S, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
 
 
 @triton.jit
@@ -351,12 +434,13 @@ def attn_fwd_prefix_combine_kernel(
     Q, K, V, O, LSE, PART_ACC, PART_ML,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N, P, n_seg, qk_scale,
+    H, N, P, n_part, qk_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
     """One program: prefix queries [pid0 * BLOCK_S, ...) < P of batch*head pid1. Their softmax over
-    the prefix keys, merged with the n_seg window states of PART_ACC / PART_ML in window order."""
+    the prefix keys, merged with the n_part partial states of PART_ACC / PART_ML (``attn_fwd_window_kernel``)
+    in part order."""
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
@@ -371,8 +455,8 @@ def attn_fwd_prefix_combine_kernel(
                                       Kh, Kh, Vh, Vh, BLOCK_N, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
     # Every row < P saw a prefix key, so m_i is finite there; rows >= P read zeros and are not stored.
     row_ok = rows < P
-    for seg in range(0, n_seg):
-        part = (pid_bh.to(tl.int64) * n_seg + seg) * P
+    for j in range(0, n_part):
+        part = (pid_bh.to(tl.int64) * n_part + j) * P
         m_w = tl.load(PART_ML + part * 2 + rows, mask=row_ok, other=0.0)
         l_w = tl.load(PART_ML + part * 2 + P + rows, mask=row_ok, other=0.0)
         m_new = tl.maximum(m_i, m_w)

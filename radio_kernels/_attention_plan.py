@@ -14,6 +14,10 @@ launch would stream K and V again).
 Windowed launches pick their wide tile between the table's
 wide (128-row) and narrow (64-row) entries: the one that leaves the fewest 16-row tail tiles
 (they run at mma.sync's speed: wgmma needs 64 rows), the wider on a tie.
+
+The windowed forward is one launch (``window_forward``): each window's wide and 16-row tiles, and
+programs that walk groups of windows for the prefix queries (their partial states), then a small
+combine launch that adds the prefix keys and merges the groups.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class Launch:
     segments of ``seg_len`` rows starting at ``row_base``, the first tile ``seg_offset`` rows into
     its segment. ``windowed`` rows see the prefix and their own segment, others all N columns."""
 
-    kernel: str  # "fwd", "dq", "dkdv", "window" (windowed backward), "combine" (prefix queries of windowed fwd)
+    kernel: str  # "fwd", "fwd_window", "dq", "dkdv", "window" (windowed backward), "combine" (prefix queries)
     tile_key: str  # the tile table entry
     tile: configs.Tile
     windowed: bool
@@ -58,11 +62,20 @@ class Launch:
     n_seg: int
     seg_offset: int
     tiles_per_seg: int
-    lead_rows: int = 0  # windowed forward: virtual rows before each window that hold the prefix queries
+    # "fwd_window" only: 16-row tiles per segment after its wide ones (same launch), the programs that
+    # walk the windows for the prefix queries, and how many windows each walks.
+    tail_tiles: int = 0
+    prefix_programs: int = 0
+    windows_per_part: int = 0
 
     @property
     def programs(self) -> int:
-        return self.n_seg * self.tiles_per_seg
+        return self.n_seg * (self.tiles_per_seg + self.tail_tiles) + self.prefix_programs
+
+    @property
+    def n_part(self) -> int:
+        """Partial states a prefix query gets from the window launch (groups of windows)."""
+        return -(-self.n_seg // self.windows_per_part) if self.windows_per_part else 0
 
 
 def split_segment(seg_len: int, block: int) -> tuple[int, int]:
@@ -71,21 +84,28 @@ def split_segment(seg_len: int, block: int) -> tuple[int, int]:
     return main, -(-(seg_len - main * block) // SMALL)
 
 
-def _segment_launches(kernel, table, bd, es, windowed, row_base, seg_len, n_seg, wide_keys, lead_rows=0):
+def _pick_wide(table, rows: int, wide_keys) -> tuple[tuple, int, int]:
+    """(table key, wide tiles, 16-row tail tiles) of the wide entry that covers ``rows`` rows with the
+    fewest tails, the wider on a tie."""
+    options = [(split_segment(rows, table[key].block_m), -table[key].block_m, key) for key in wide_keys]
+    (main, tail), _, key = min(options, key=lambda o: (o[0][1], o[1]))
+    return key, main, tail
+
+
+def _segment_launches(kernel, table, bd, es, windowed, row_base, seg_len, n_seg, wide_keys):
     if n_seg == 0 or seg_len == 0:
         return []
-    rows = seg_len + lead_rows
     if not windowed and kernel == "fwd":
         # The forward's one segment: a partial last wide tile wastes < BLOCK rows of N, where a 16-row
         # tail launch would stream all of K and V a second time. The backward (7 products a pair,
         # compute-bound) takes the tail launch.
         tile = table[wide_keys[0]]
-        return [Launch(kernel, wide_keys[0][0], tile, windowed, row_base, seg_len, n_seg, 0, -(-rows // tile.block_m))]
-    options = [(split_segment(rows, table[key].block_m), -table[key].block_m, key) for key in wide_keys]
-    (main, tail), _, key = min(options, key=lambda o: (o[0][1], o[1]))
+        tiles = -(-seg_len // tile.block_m)
+        return [Launch(kernel, wide_keys[0][0], tile, windowed, row_base, seg_len, n_seg, 0, tiles)]
+    key, main, tail = _pick_wide(table, seg_len, wide_keys)
     launches = []
     tile = table[key]
-    common = dict(windowed=windowed, row_base=row_base, seg_len=seg_len, n_seg=n_seg, lead_rows=lead_rows)
+    common = dict(windowed=windowed, row_base=row_base, seg_len=seg_len, n_seg=n_seg)
     if main:
         launches.append(Launch(kernel, key[0], tile, seg_offset=0, tiles_per_seg=main, **common))
     if tail:
@@ -103,13 +123,11 @@ def _wide_keys(kernel, bd, es, window_tokens, table):
 
 
 def row_plan(kernel: str, n: int, num_prefix: int, window_tokens: int, head_dim: int, elem_size: int,
-             table=None, fold_prefix: bool = False) -> list[Launch]:  # fmt: skip
-    """Launches of ``kernel`` ("fwd", "dq" or "dkdv") covering all N rows once.
+             table=None) -> list[Launch]:  # fmt: skip
+    """Launches of ``kernel`` ("fwd" global only, "dq" or "dkdv") covering all N rows once.
 
-    Global (T = 0): one segment [0, N). Windowed: the windows; the P prefix rows as a global-mode
-    segment, except when ``fold_prefix`` (forward): then each window's segment starts with
-    ceil(P / 16) * 16 virtual rows holding the prefix queries (their state over that window), and a
-    combine launch adds the prefix keys and merges the windows.
+    Global (T = 0): one segment [0, N). Windowed: the P prefix rows as a global-mode segment of
+    16-row tiles, then the windows.
     """
     table = configs.active_table() if table is None else table
     bd = configs.block_d_of(head_dim)
@@ -118,20 +136,44 @@ def row_plan(kernel: str, n: int, num_prefix: int, window_tokens: int, head_dim:
         return _segment_launches(kernel, table, bd, elem_size, False, 0, n, 1, wide)
     launches = []
     P, T = num_prefix, window_tokens
-    if P and not fold_prefix:  # prefix rows see all N columns: a global-mode launch of 16-row tiles
+    if P:  # prefix rows see all N columns: a global-mode launch of 16-row tiles
         small = table[kernel + "_prefix", bd, elem_size, False]
         launches.append(Launch(kernel, kernel + "_prefix", small, False, 0, P, 1, 0, -(-P // SMALL)))
     wide = _wide_keys(kernel, bd, elem_size, T, table)
-    lead = -(-P // SMALL) * SMALL if fold_prefix else 0
-    launches += _segment_launches(kernel, table, bd, elem_size, True, P, T, (n - P) // T, wide, lead)
-    if fold_prefix and P:
+    return launches + _segment_launches(kernel, table, bd, elem_size, True, P, T, (n - P) // T, wide)
+
+
+def window_forward(n: int, num_prefix: int, window_tokens: int, head_dim: int, elem_size: int,
+                   table) -> list[Launch]:  # fmt: skip
+    """The windowed forward: one "fwd_window" launch (see ``attn_fwd_window_kernel``) and, with
+    prefix tokens, the combine launch (ceil(P / 16) programs).
+
+    Each prefix program walks ``windows_per_part`` windows (about ``configs.PREFIX_PART_KEYS`` keys):
+    fewer windows per program would write more fp32 partial states, more would make it the launch's
+    longest program by far (and outlive the L2 lines it shares with the windows' own programs).
+    """
+    P, T = num_prefix, window_tokens
+    n_seg = (n - P) // T
+    bd = configs.block_d_of(head_dim)
+    key, wide, tail = _pick_wide(table, T, _wide_keys("fwd", bd, elem_size, T, table))
+    per_part = min(n_seg, max(1, configs.prefix_part_keys(table) // T)) if P else 0
+    prefix_tiles = -(-P // SMALL)
+    launches = []
+    if n_seg:
+        part_count = -(-n_seg // per_part) if per_part else 0
+        launches.append(Launch("fwd_window", key[0], table[key], True, P, T, n_seg, 0, wide, tail_tiles=tail,
+                               prefix_programs=part_count * prefix_tiles, windows_per_part=per_part))  # fmt: skip
+    if P:
         small = table["fwd_prefix", bd, elem_size, False]
-        launches.append(Launch("combine", "fwd_prefix", small, False, 0, P, 1, 0, -(-P // SMALL)))
+        launches.append(Launch("combine", "fwd_prefix", small, False, 0, P, 1, 0, prefix_tiles))
     return launches
 
 
 def forward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None) -> list[Launch]:
-    return row_plan("fwd", n, num_prefix, window_tokens, head_dim, elem_size, table, fold_prefix=True)
+    table = configs.active_table() if table is None else table
+    if window_tokens == 0:
+        return row_plan("fwd", n, num_prefix, 0, head_dim, elem_size, table)
+    return window_forward(n, num_prefix, window_tokens, head_dim, elem_size, table)
 
 
 def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None) -> list[Launch]:

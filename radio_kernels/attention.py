@@ -44,6 +44,7 @@ from ._attention_kernels import (
     attn_bwd_window_kernel,
     attn_fwd_kernel,
     attn_fwd_prefix_combine_kernel,
+    attn_fwd_window_kernel,
 )
 from ._backend import device_guard, interpreter_enabled, resolve_backend
 from ._checks import check_same_device, check_tensor
@@ -250,29 +251,36 @@ def attention_forward(q, k, v, num_prefix: int, window_tokens: int, scale: float
     lse = _empty((B * H, N), torch.float32, q.device)
     unit = _stride_unit(q, k, v, out)
     strides = [x for t in (q, k, v, out) for x in _scaled(_strides(t), unit)]
-    launches = plan.forward_plan(N, num_prefix, window_tokens, D, q.element_size(), configs.active_table())
-    n_seg = (N - num_prefix) // window_tokens if window_tokens else 1
-    folded = num_prefix > 0 and window_tokens > 0
-    # Prefix rows' partial softmax state per window (fp32): acc (B*H, n_seg, P, D), (m, l) (B*H, n_seg, 2, P).
-    part_acc = _empty((B * H, n_seg, num_prefix, D) if folded else (1,), torch.float32, q.device)
-    part_ml = _empty((B * H, n_seg, 2, num_prefix) if folded else (1,), torch.float32, q.device)
-    common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=unit)
     table = configs.active_table()
+    launches = plan.forward_plan(N, num_prefix, window_tokens, D, q.element_size(), table)
+    common = dict(**plan.chunk_constexprs(D), BLOCK_S=plan.SMALL, STRIDE_UNIT=unit)
     use_tma = configs.uses_tma(table, q.element_size()) and _tma_ready(k, v)
+    n_part = sum(launch.n_part for launch in launches)
+    # The prefix queries' partial softmax states, one per group of windows (fp32): acc (B*H, n_part, P, D),
+    # (m, l) (B*H, n_part, 2, P).
+    part_acc = _empty((B * H, n_part, num_prefix, D) if n_part else (1,), torch.float32, q.device)
+    part_ml = _empty((B * H, n_part, 2, num_prefix) if n_part else (1,), torch.float32, q.device)
     for launch in launches:
         tile = launch.tile
+        options = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
         if launch.kernel == "combine":
-            attn_fwd_prefix_combine_kernel[(launch.tiles_per_seg, B * H)](
-                q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, n_seg, scale * LOG2E,
-                BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            attn_fwd_prefix_combine_kernel[(launch.programs, B * H)](
+                q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, n_part, scale * LOG2E,
+                BLOCK_N=tile.block_n, **options, **common,
             )  # fmt: skip
             continue
-        attn_fwd_kernel[(launch.programs, B * H)](
-            q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, *_segment_args(launch), n_seg,
-            scale * LOG2E, WINDOWED=launch.windowed, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            USE_TMA=use_tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
-            **_max_regs(configs.fwd_max_regs(table, D, q.element_size(), tile)),
-        )  # fmt: skip
+        options |= _max_regs(configs.fwd_max_regs(table, D, q.element_size(), tile, use_tma))
+        if launch.kernel == "fwd_window":
+            attn_fwd_window_kernel[(launch.programs, B * H)](
+                q, k, v, out, lse, part_acc, part_ml, *strides, H, N, num_prefix, window_tokens,
+                launch.tiles_per_seg, launch.tail_tiles, launch.windows_per_part, launch.n_part, scale * LOG2E,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=use_tma, **options, **common,
+            )  # fmt: skip
+        else:
+            attn_fwd_kernel[(launch.programs, B * H)](
+                q, k, v, out, lse, *strides, H, N, scale * LOG2E,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, USE_TMA=use_tma, **options, **common,
+            )  # fmt: skip
     return out, lse
 
 

@@ -15,7 +15,9 @@ steps), the objects ``attention.py`` launches, on the sm_90 (Hopper) tile table:
   through L2 (so a launch reads each K / V row it walks once) and that nothing survives in L2 from
   one launch to the next: each launch reads the Q (dO, lse, delta) rows it owns and the K, V (Q, dO)
   rows its programs walk, and writes its rows' outputs; the prefix partial states are written and
-  read in fp32. Minimum: every input read once, every output written once.
+  read in fp32. Minimum: every input read once, every output written once. The assumption is
+  weakest for the windowed forward's prefix programs, which walk a group of windows (~1024 keys)
+  while each window's own programs walk it once; the plan bounds that group for this reason.
 
 This is a model, not a measurement: it shows where work and traffic go, not how fast a GPU runs
 it. ``python -m radio_kernels.audit --plan`` prints it, with the compiled facts (registers, shared
@@ -103,6 +105,16 @@ def executed_flops(launches: list[Launch], n: int, p: int, head_dim: int) -> int
 
     total = 0
     for launch in launches:
+        if launch.kernel == "fwd_window":  # window rows: prefix + window keys; prefix rows: their windows
+            step, t = launch.tile.block_n, launch.seg_len
+            wide, tails = launch.tiles_per_seg * launch.tile.block_m, launch.tail_tiles * SMALL
+            total += launch.n_seg * wide * (_walked(p, SMALL) + _walked(t, step)) * per_pair(1, 1)
+            # the 16-row programs (tails, prefix queries) walk keys in 16-wide steps
+            total += launch.n_seg * tails * (_walked(p, SMALL) + _walked(t, SMALL)) * per_pair(1, 1)
+            if launch.n_part:
+                prefix_rows = launch.prefix_programs // launch.n_part * SMALL
+                total += prefix_rows * launch.n_seg * _walked(t, SMALL) * per_pair(1, 1)
+            continue
         if launch.kernel == "window":  # keys x (prefix queries: 4 products, window queries: 5)
             t, step = launch.seg_len, launch.tile.block_n
             key_rows = launch.tiles_per_seg * launch.tile.block_m
@@ -118,11 +130,20 @@ def executed_flops(launches: list[Launch], n: int, p: int, head_dim: int) -> int
 def planned_bytes(launches: list[Launch], n: int, p: int, head_dim: int, es: int, backward: bool) -> int:
     """HBM bytes of one (batch, head) under the module docstring's model."""
     row = head_dim * es
+    n_part = sum(launch.n_part for launch in launches)
+    partials = n_part * p * (head_dim + 2) * 4  # the prefix queries' fp32 (acc, m, l) per group of windows
     total = 0
     for launch in launches:
+        if launch.kernel == "fwd_window":
+            window_rows = launch.n_seg * launch.seg_len
+            total += window_rows * (2 * row + 4)  # q read, o + lse written
+            total += (p + window_rows) * 2 * row  # k, v: once for the launch
+            if launch.n_part:
+                total += p * row + partials  # the prefix q read, partial states written
+            continue
         rows = min(launch.programs * launch.tile.block_m, launch.n_seg * launch.seg_len)
-        if launch.kernel == "combine":  # prefix q, k, v read, o and lse written (partials: below)
-            total += p * (4 * row + 4)
+        if launch.kernel == "combine":  # prefix q, k, v, partial states read, o and lse written
+            total += p * (4 * row + 4) + partials
             continue
         walked = (p + launch.n_seg * launch.seg_len) if launch.windowed else n
         if launch.kernel == "window":
@@ -142,13 +163,6 @@ def planned_bytes(launches: list[Launch], n: int, p: int, head_dim: int, es: int
             total += rows * (3 * row + 8)  # q, do read, dq written, lse, delta
             total += walked * 2 * row  # k, v
     return total
-
-
-def _partials_bytes(n: int, p: int, t: int, head_dim: int) -> int:
-    """Prefix partial states (acc, m, l) written by the windows and read by the combine, fp32."""
-    if not (p and t):
-        return 0
-    return 2 * ((n - p) // t) * p * (head_dim + 2) * 4
 
 
 def minimum_bytes(n: int, head_dim: int, es: int, backward: bool) -> int:
@@ -172,7 +186,7 @@ def plan_rows(table=None) -> list[dict]:
         ):
             useful = useful_per_pair * pairs
             executed = executed_flops(launches, n, p, d)
-            planned = planned_bytes(launches, n, p, d, es, backward) + (0 if backward else _partials_bytes(n, p, t, d))
+            planned = planned_bytes(launches, n, p, d, es, backward)
             if backward:
                 planned += n * (2 * d * es + 4)  # the delta kernel: o, do read, delta written
             minimum = minimum_bytes(n, d, es, backward)
@@ -228,8 +242,14 @@ def format_plan(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------
 # compiled facts of the configurations the problems launch (sm_90)
 # ----------------------------------------------------------------------------------------
-KERNEL_NAMES = {"fwd": "attn_fwd_kernel", "combine": "attn_fwd_prefix_combine_kernel", "dq": "attn_bwd_dq_kernel",
-                "dkdv": "attn_bwd_dkdv_kernel", "window": "attn_bwd_window_kernel"}  # fmt: skip
+KERNEL_NAMES = {
+    "fwd": "attn_fwd_kernel",
+    "fwd_window": "attn_fwd_window_kernel",
+    "combine": "attn_fwd_prefix_combine_kernel",
+    "dq": "attn_bwd_dq_kernel",
+    "dkdv": "attn_bwd_dkdv_kernel",
+    "window": "attn_bwd_window_kernel",
+}
 
 
 def launch_constexprs(launch: Launch, head_dim: int, use_tma: bool) -> dict:
@@ -244,10 +264,9 @@ def launch_constexprs(launch: Launch, head_dim: int, use_tma: bool) -> dict:
     out |= {rows: tile.block_m, cols: tile.block_n}
     if launch.kernel == "window":
         return out
-    out["WINDOWED"] = launch.windowed
-    if launch.kernel == "fwd":
-        out["USE_TMA"] = use_tma
-    return out
+    if launch.kernel in ("fwd", "fwd_window"):
+        return out | {"USE_TMA": use_tma}
+    return out | {"WINDOWED": launch.windowed}
 
 
 def blocks_per_sm(regs: int, shared: int, num_warps: int) -> int:
@@ -277,7 +296,9 @@ def compiled_facts(jobs: int = 2) -> list[dict]:
                 want = launch_constexprs(launch, d, configs.uses_tma(configs.HOPPER_TABLE, 2))
                 options = (launch.tile.num_warps, launch.tile.num_stages)
                 regs_cap = (
-                    configs.fwd_max_regs(configs.HOPPER_TABLE, d, 2, launch.tile) if launch.kernel == "fwd" else None
+                    configs.fwd_max_regs(configs.HOPPER_TABLE, d, 2, launch.tile, True)
+                    if launch.kernel in ("fwd", "fwd_window")
+                    else None
                 )
                 match = [i for i, c in enumerate(registry) if c.name == KERNEL_NAMES[launch.kernel]
                          and all(c.constexprs.get(k) == v for k, v in want.items())
