@@ -659,9 +659,10 @@ def attn_bwd_window_kernel(
 ):  # fmt: skip
     """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair.
 
-    The window's keys are walked in T // BLOCK_N full tiles of BLOCK_N keys, then the last T mod
-    BLOCK_N keys in BLOCK_S (16) key tiles, the last one masked: a 144-token window is 64 + 64 + 16
-    keys, not three 64-key tiles (192 keys) nor separate dK/dV and dQ launches (7 products a pair).
+    The window's keys are walked in T // BLOCK_N full tiles of BLOCK_N keys and its last T mod
+    BLOCK_N keys in BLOCK_S (16) key tiles, the last one masked (these run first): a 144-token
+    window is 64 + 64 + 16 keys, not three 64-key tiles (192 keys) nor separate dK/dV and dQ
+    launches (7 products a pair).
     For each key tile: dK, dV over the prefix queries and the window's queries, and, for the
     window's queries, their share of dQ (ds k) added to DQACC (B*H, N, HEAD_D) fp32 rows that only
     this program touches (deterministic, no atomics; the first key tile starts the sums). Then the
@@ -687,18 +688,21 @@ def attn_bwd_window_kernel(
     dq_ptr = DQACC + pid_bh.to(tl.int64) * N * HEAD_D
 
     full_keys = seg_start + (T // BLOCK_N) * BLOCK_N
-    for kb in range(seg_start, full_keys, BLOCK_N):
-        _window_key_tile(Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn,
-                         stride_don, stride_gn, kb, seg_start, seg_end, P, T, qk_scale, sm_scale,
-                         HEAD_D, D0, D1, DC1, BLOCK_N, False, BLOCK_M, BLOCK_S)  # fmt: skip
-        # dQ rows are read back in the next key tile (and below) by threads of other layouts.
-        tl.debug_barrier()
-    # The ragged rest: 16-key tiles (mma.sync: wgmma needs 64 rows), so at most 15 keys are computed
-    # and dropped, where one more BLOCK_N tile would compute up to BLOCK_N - 16 more.
+    # The ragged rest, T mod BLOCK_N keys, in 16-key tiles (mma.sync: wgmma needs 64 rows), so at most
+    # 15 keys are computed and dropped where one more BLOCK_N tile would compute up to BLOCK_N - 16.
+    # They run before the full tiles (the first tile run starts the dQ sums): in this order ptxas
+    # allocates 153 registers at D = 64, not 176 (3 blocks per SM, not 2), and stays spill-free.
     for kb in range(full_keys, seg_end, BLOCK_S):
         _window_key_tile(Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn,
-                         stride_don, stride_gn, kb, seg_start, seg_end, P, T, qk_scale, sm_scale,
+                         stride_don, stride_gn, kb, kb == full_keys, seg_start, seg_end, P, T, qk_scale, sm_scale,
                          HEAD_D, D0, D1, DC1, BLOCK_S, True, BLOCK_M, BLOCK_S)  # fmt: skip
+        # dQ rows are read back in the next key tile (and below) by threads of other layouts.
+        tl.debug_barrier()
+    for kb in range(seg_start, full_keys, BLOCK_N):
+        first = (kb == seg_start) & (full_keys == seg_end)
+        _window_key_tile(Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn,
+                         stride_don, stride_gn, kb, first, seg_start, seg_end, P, T, qk_scale, sm_scale,
+                         HEAD_D, D0, D1, DC1, BLOCK_N, False, BLOCK_M, BLOCK_S)  # fmt: skip
         tl.debug_barrier()
 
     # The window's dQ: add the prefix keys' share, scale, store.
@@ -710,13 +714,13 @@ def attn_bwd_window_kernel(
 @triton.jit
 def _window_key_tile(
     Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn, stride_don, stride_gn,
-    kb, seg_start, seg_end, P, T, qk_scale, sm_scale,
+    kb, first, seg_start, seg_end, P, T, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
     KEYS: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """The per-window kernel's work on keys [kb, kb + KEYS) of its window: their dK, dV (stored) and
-    their share of the window queries' dQ (into dq_ptr's fp32 rows; the window's first key tile
-    starts the sums). MASK_KEYS: keys past the window are zero and get p = 0, so they add nothing."""
+    their share of the window queries' dQ (into dq_ptr's fp32 rows; ``first``: the window's first key
+    tile run, which starts the sums). MASK_KEYS: keys past the window are zero and get p = 0, so they add nothing."""
     keys = kb + tl.arange(0, KEYS)
     key_ok = keys < seg_end
     k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
@@ -732,7 +736,6 @@ def _window_key_tile(
                                      lse_ptr, delta_ptr, 0, P, qk_scale, BLOCK_S, BLOCK_S,
                                      HEAD_D, D0, D1, DC1)  # fmt: skip
     # The window's queries, with dQ: full BLOCK_M blocks, then masked BLOCK_S steps.
-    first = kb == seg_start
     full = seg_start + (T // BLOCK_M) * BLOCK_M
     dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
                                        lse_ptr, delta_ptr, seg_start, full, qk_scale, dq_ptr, first, k1x, key_ok,
