@@ -226,13 +226,15 @@ INTERPRET_TABLE = {key: _INTERPRET_TILE[key[0]] for key in HOPPER_TABLE}
 
 # The windowed backward's per-window kernel (5 products a pair, dQ summed in place by the program
 # owning the window) keeps dK, dV, the window's dQ sums and both head-dim chunks live at once: the
-# tiles ptxas keeps spill-free are small, (keys, query step) = (64, 16) and 16-key tails at 4 warps
-# and 1 stage, for 16-bit inputs and 64 <= D <= 96 (the students' head dims; audited for sm_90).
-# Elsewhere (other GPUs, fp32, other D) the windowed backward runs the dK/dV + dQ launches.
+# tiles ptxas keeps spill-free are small, (keys, query step) = (64, 16) at 4 warps and 1 stage, for
+# 16-bit inputs and 64 <= D <= 96 (the students' head dims; audited for sm_90). Elsewhere (other
+# GPUs, fp32, other D) the windowed backward runs the dK/dV + dQ launches.
 WINDOW_HEAD_DIMS = range(64, 97)
-# The per-window kernel's (keys, query step) tile, used when it covers a window in whole tiles (windows
-# of 8 x 8 and 16 x 16 tokens at 64 keys); other windows (12 x 12 = 144 tokens) take the dK/dV and dQ
-# launches: its 32-key and 16-key variants, which a 144-token window would need, spill 8-28 B on sm_90.
+# The per-window kernel's (keys, query step) tile. It serves every window size: T // keys full key
+# tiles, then the last T mod keys keys in 16-key tiles (a second loop of the same kernel, so a
+# 144-token 12 x 12 window is 64 + 64 + 16 keys). Separate 32- or 16-key configurations for such
+# windows spilled 8-28 B on sm_90; the one kernel with both loops stays spill-free (255 registers
+# at D = 72 / 80, audited).
 WINDOW_TILES = {"hopper": Tile(64, 16, 4, 1), "interpret": Tile(32, 16, 4, 1)}
 
 
@@ -263,14 +265,16 @@ def fwd_max_regs(table, head_dim: int, elem_size: int, tile: Tile, tma: bool) ->
 
 
 def window_tile(table, head_dim: int, elem_size: int, window_tokens: int) -> Tile | None:
-    """The per-window backward kernel's tile on ``table``'s GPU for windows of ``window_tokens``, or None."""
-    if table is INTERPRET_TABLE:
-        tile = WINDOW_TILES["interpret"]
-    elif table is HOPPER_TABLE and elem_size == 2 and head_dim in WINDOW_HEAD_DIMS:
-        tile = WINDOW_TILES["hopper"]
-    else:
+    """The per-window backward kernel's tile on ``table``'s GPU for windows of ``window_tokens`` (> 0),
+    or None where it does not ship (the dK/dV and dQ launches run instead). Any window size: the
+    kernel walks the keys past the last full tile in 16-key tiles."""
+    if window_tokens <= 0:
         return None
-    return tile if window_tokens % tile.block_m == 0 else None
+    if table is INTERPRET_TABLE:
+        return WINDOW_TILES["interpret"]
+    if table is HOPPER_TABLE and elem_size == 2 and head_dim in WINDOW_HEAD_DIMS:
+        return WINDOW_TILES["hopper"]
+    return None
 
 
 def unsupported_capability(major: int, minor: int) -> str | None:
@@ -466,8 +470,8 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
                             expect_wgmma=arch in (HOPPER, BLACKWELL) and es == 2 and tile.block_m >= 64,
                             sample=sampled and label == "global",
                         ))  # fmt: skip
-                # The windowed backward's per-window kernel where the table ships it: the wide key tile
-                # (finishing dQ, or followed by the 16-key tail launch) and the tail (always finishing).
+                # The windowed backward's per-window kernel where the table ships it: one binary holds
+                # both key loops (full BLOCK_N tiles, then 16-key tiles for the rest of the window).
                 tile = window_tile(table, d, es, WINDOW_TILES["hopper"].block_m)
                 if tile is not None:
                     kernel = attn_bwd_window_kernel

@@ -45,9 +45,10 @@ The backward is deterministic: dK/dV programs own a key tile and loop over the q
 it, dQ programs own a query tile and loop over keys (recomputing S and dP: 7 products a pair);
 nothing is accumulated across programs. The prefix rows' dQ and the prefix keys' dK/dV are
 global-mode launches of 16-row tiles. Windowed, where the tile table ships its tiles, one program
-owns a whole window (``attn_bwd_window_kernel``): it walks the window's key tiles, and for each
-adds the tile's share of the window's dQ to fp32 rows only it touches (5 products a pair, summed
-in a fixed order, no atomics).
+owns a whole window (``attn_bwd_window_kernel``): it walks the window's keys in full BLOCK_N
+tiles, then the rest (T mod BLOCK_N) in 16-key tiles, the last one masked (any T: a 144-token
+window is 64 + 64 + 16 keys), and for each tile adds its share of the window's dQ to fp32 rows
+only it touches (5 products a pair, summed in a fixed order, no atomics).
 
 Strides arrive divided by STRIDE_UNIT (the largest power of two <= 16 dividing all of them) and
 are multiplied back by that constexpr: Triton only detects divisibility by 16 of integer arguments,
@@ -512,15 +513,16 @@ def _dq_rmw(dq_ptr, rows, row_ok, x, first, OFF: tl.constexpr, W: tl.constexpr, 
 @triton.jit
 def _dkdv_queries(
     dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don, lse_ptr, delta_ptr,
-    lo, hi, qk_scale, dq_ptr, dq_first, k1x,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr,
+    lo, hi, qk_scale, dq_ptr, dq_first, k1x, key_ok,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, MASK_KEYS: tl.constexpr,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key tile over the query blocks starting in [lo, hi).
 
     Works on transposed scores (keys x queries) so dK, dV come out as (keys, D chunk). WITH_DQ also
     adds this key tile's share of dQ (ds k, unscaled) to the fp32 rows of ``dq_ptr`` (``_dq_rmw``);
-    k1x is chunk 1 of the keys at its exact width D1.
+    k1x is chunk 1 of the keys at its exact width D1. MASK_KEYS: p = 0 for keys where not key_ok (their
+    k = 0 would zero their dQ share, but exp2(-lse) can overflow to inf, and inf * 0 is NaN).
     """
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -543,6 +545,8 @@ def _dkdv_queries(
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where((rows < hi)[None, :], p_t, 0.0)
+        if MASK_KEYS:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
         p_t = p_t.to(do0.dtype)
         dv0 = tl.dot(p_t, do0, dv0)
@@ -574,11 +578,11 @@ def _dkdv_range(
     """Queries [lo, hi): full BLOCK_M blocks unmasked, the rest in masked BLOCK_S blocks."""
     full = lo + ((hi - lo) // BLOCK_M) * BLOCK_M
     dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don,
-                                       lse_ptr, delta_ptr, lo, full, qk_scale, delta_ptr, 0, k1,
-                                       False, BLOCK_M, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+                                       lse_ptr, delta_ptr, lo, full, qk_scale, delta_ptr, 0, k1, 0,
+                                       False, BLOCK_M, False, False, HEAD_D, D0, D1, DC1)  # fmt: skip
     return _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, stride_qn, stride_don,
-                         lse_ptr, delta_ptr, full, hi, qk_scale, delta_ptr, 0, k1,
-                         True, BLOCK_S, False, HEAD_D, D0, D1, DC1)  # fmt: skip
+                         lse_ptr, delta_ptr, full, hi, qk_scale, delta_ptr, 0, k1, 0,
+                         True, BLOCK_S, False, False, HEAD_D, D0, D1, DC1)  # fmt: skip
 
 
 @triton.jit
@@ -737,14 +741,17 @@ def attn_bwd_window_kernel(
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):  # fmt: skip
-    """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair (T a
-    multiple of BLOCK_N).
+    """One program: the backward of window pid0 of batch*head pid1, in 5 products a pair.
 
-    For each BLOCK_N tile of the window's keys: dK, dV over the prefix queries and the window's
-    queries, and, for the window's queries, their share of dQ (ds k) added to DQACC (B*H, N, HEAD_D)
-    fp32 rows that only this program touches (deterministic, no atomics; the first key tile starts
-    the sums). Then the window's dQ gets the prefix keys' share and is scaled and stored. (The prefix
-    queries' dQ and the prefix keys' dK, dV are the 16-row global-mode launches.)
+    The window's keys are walked in T // BLOCK_N full tiles of BLOCK_N keys and its last T mod
+    BLOCK_N keys in BLOCK_S (16) key tiles, the last one masked (these run first): a 144-token
+    window is 64 + 64 + 16 keys, not three 64-key tiles (192 keys) nor separate dK/dV and dQ
+    launches (7 products a pair).
+    For each key tile: dK, dV over the prefix queries and the window's queries, and, for the
+    window's queries, their share of dQ (ds k) added to DQACC (B*H, N, HEAD_D) fp32 rows that only
+    this program touches (deterministic, no atomics; the first key tile starts the sums). Then the
+    window's dQ gets the prefix keys' share and is scaled and stored. (The prefix queries' dQ and the
+    prefix keys' dK, dV are the 16-row global-mode launches.)
     """
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
@@ -758,48 +765,73 @@ def attn_bwd_window_kernel(
     Kh = K + b * stride_kb + h * stride_kh
     Vh = V + b * stride_vb + h * stride_vh
     DOh = DO + b * stride_dob + h * stride_doh
+    DKh = DK + b * stride_gb + h * stride_gh
+    DVh = DV + b * stride_gb + h * stride_gh
     lse_ptr = LSE + pid_bh.to(tl.int64) * N
     delta_ptr = DELTA + pid_bh.to(tl.int64) * N
     dq_ptr = DQACC + pid_bh.to(tl.int64) * N * HEAD_D
 
-    for kb in range(seg_start, seg_end, BLOCK_N):
-        keys = kb + tl.arange(0, BLOCK_N)
-        k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
-        if D1 > 0 and D1 != DC1:
-            k1x = _load_rows(Kh, keys, stride_kn, seg_end, D0, D1, HEAD_D, True)
-        else:
-            k1x = k1
-        dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-        dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-        dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
-        dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
-                                         lse_ptr, delta_ptr, 0, P, qk_scale, BLOCK_S, BLOCK_S,
-                                         HEAD_D, D0, D1, DC1)  # fmt: skip
-        # The window's queries, with dQ: full BLOCK_M blocks, then masked BLOCK_S steps.
-        first = kb == seg_start
-        full = seg_start + (T // BLOCK_M) * BLOCK_M
-        dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
-                                           lse_ptr, delta_ptr, seg_start, full, qk_scale, dq_ptr, first, k1x,
-                                           False, BLOCK_M, True, HEAD_D, D0, D1, DC1)  # fmt: skip
-        dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
-                                           lse_ptr, delta_ptr, full, seg_end, qk_scale, dq_ptr, first, k1x,
-                                           True, BLOCK_S, True, HEAD_D, D0, D1, DC1)  # fmt: skip
-        key_ok = keys < seg_end
-        DKh = DK + b * stride_gb + h * stride_gh
-        DVh = DV + b * stride_gb + h * stride_gh
-        _store_rows(DKh, keys, stride_gn, key_ok, dk0 * sm_scale, 0, D0, HEAD_D)
-        _store_rows(DVh, keys, stride_gn, key_ok, dv0, 0, D0, HEAD_D)
-        if D1 > 0:
-            _store_rows(DKh, keys, stride_gn, key_ok, dk1 * sm_scale, D0, D1, HEAD_D)
-            _store_rows(DVh, keys, stride_gn, key_ok, dv1, D0, D1, HEAD_D)
+    full_keys = seg_start + (T // BLOCK_N) * BLOCK_N
+    # The ragged rest, T mod BLOCK_N keys, in 16-key tiles (mma.sync: wgmma needs 64 rows), so at most
+    # 15 keys are computed and dropped where one more BLOCK_N tile would compute up to BLOCK_N - 16.
+    # They run before the full tiles (the first tile run starts the dQ sums): in this order ptxas
+    # allocates 153 registers at D = 64, not 176 (3 blocks per SM, not 2), and stays spill-free.
+    for kb in range(full_keys, seg_end, BLOCK_S):
+        _window_key_tile(Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn,
+                         stride_don, stride_gn, kb, kb == full_keys, seg_start, seg_end, P, T, qk_scale, sm_scale,
+                         HEAD_D, D0, D1, DC1, BLOCK_S, True, BLOCK_M, BLOCK_S)  # fmt: skip
         # dQ rows are read back in the next key tile (and below) by threads of other layouts.
+        tl.debug_barrier()
+    for kb in range(seg_start, full_keys, BLOCK_N):
+        first = (kb == seg_start) & (full_keys == seg_end)
+        _window_key_tile(Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn,
+                         stride_don, stride_gn, kb, first, seg_start, seg_end, P, T, qk_scale, sm_scale,
+                         HEAD_D, D0, D1, DC1, BLOCK_N, False, BLOCK_M, BLOCK_S)  # fmt: skip
         tl.debug_barrier()
 
     # The window's dQ: add the prefix keys' share, scale, store.
     _window_dq_finish(Qh, Kh, Vh, DOh, DQ + b * stride_gb + h * stride_gh, lse_ptr, delta_ptr, dq_ptr,
                       stride_qn, stride_kn, stride_vn, stride_don, stride_gn, seg_start, seg_end, P,
                       qk_scale, sm_scale, HEAD_D, D0, D1, DC1, BLOCK_M, BLOCK_S)  # fmt: skip
+
+
+@triton.jit
+def _window_key_tile(
+    Qh, Kh, Vh, DOh, DKh, DVh, lse_ptr, delta_ptr, dq_ptr, stride_qn, stride_kn, stride_vn, stride_don, stride_gn,
+    kb, first, seg_start, seg_end, P, T, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DC1: tl.constexpr,
+    KEYS: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """The per-window kernel's work on keys [kb, kb + KEYS) of its window: their dK, dV (stored) and
+    their share of the window queries' dQ (into dq_ptr's fp32 rows; ``first``: the window's first key
+    tile run, which starts the sums). MASK_KEYS: keys past the window are zero and get p = 0, so they add nothing."""
+    keys = kb + tl.arange(0, KEYS)
+    key_ok = keys < seg_end
+    k0, k1, v0, v1 = _load_pair(Kh, Vh, keys, stride_kn, stride_vn, seg_end, HEAD_D, D0, DC1)
+    if D1 > 0 and D1 != DC1:
+        k1x = _load_rows(Kh, keys, stride_kn, seg_end, D0, D1, HEAD_D, True)
+    else:
+        k1x = k1
+    dk0 = tl.zeros([KEYS, D0], dtype=tl.float32)
+    dv0 = tl.zeros([KEYS, D0], dtype=tl.float32)
+    dk1 = tl.zeros([KEYS, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dv1 = tl.zeros([KEYS, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dk0, dk1, dv0, dv1 = _dkdv_range(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                     lse_ptr, delta_ptr, 0, P, qk_scale, BLOCK_S, BLOCK_S,
+                                     HEAD_D, D0, D1, DC1)  # fmt: skip
+    # The window's queries, with dQ: full BLOCK_M blocks, then masked BLOCK_S steps.
+    full = seg_start + (T // BLOCK_M) * BLOCK_M
+    dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                       lse_ptr, delta_ptr, seg_start, full, qk_scale, dq_ptr, first, k1x, key_ok,
+                                       False, BLOCK_M, True, MASK_KEYS, HEAD_D, D0, D1, DC1)  # fmt: skip
+    dk0, dk1, dv0, dv1 = _dkdv_queries(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, stride_qn, stride_don,
+                                       lse_ptr, delta_ptr, full, seg_end, qk_scale, dq_ptr, first, k1x, key_ok,
+                                       True, BLOCK_S, True, MASK_KEYS, HEAD_D, D0, D1, DC1)  # fmt: skip
+    _store_rows(DKh, keys, stride_gn, key_ok, dk0 * sm_scale, 0, D0, HEAD_D)
+    _store_rows(DVh, keys, stride_gn, key_ok, dv0, 0, D0, HEAD_D)
+    if D1 > 0:
+        _store_rows(DKh, keys, stride_gn, key_ok, dk1 * sm_scale, D0, D1, HEAD_D)
+        _store_rows(DVh, keys, stride_gn, key_ok, dv1, D0, D1, HEAD_D)
 
 
 @triton.jit

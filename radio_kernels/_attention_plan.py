@@ -51,7 +51,11 @@ def chunk_constexprs(head_dim: int) -> dict:
 class Launch:
     """One kernel launch: ``tiles_per_seg`` tiles of ``tile.block_m`` rows in each of ``n_seg``
     segments of ``seg_len`` rows starting at ``row_base``, the first tile ``seg_offset`` rows into
-    its segment. ``windowed`` rows see the prefix and their own segment, others all N columns."""
+    its segment. ``windowed`` rows see the prefix and their own segment, others all N columns.
+
+    "window" (the per-window backward): one program per segment (window), which walks the window's
+    keys in ``tiles_per_seg`` tiles of ``tile.block_m`` keys and then ``tail_tiles`` tiles of 16
+    (SMALL) keys, the last one masked where SMALL does not divide the rest."""
 
     kernel: str  # "fwd", "fwd_window", "dq", "dkdv", "window" (windowed backward), "combine" (prefix queries)
     tile_key: str  # the tile table entry
@@ -62,14 +66,16 @@ class Launch:
     n_seg: int
     seg_offset: int
     tiles_per_seg: int
-    # "fwd_window" only: 16-row tiles per segment after its wide ones (same launch), the programs that
-    # walk the windows for the prefix queries, and how many windows each walks.
+    # "fwd_window" and "window": 16-row (16-key) tiles per segment after its wide ones, in the same launch.
     tail_tiles: int = 0
+    # "fwd_window": the programs that walk the windows for the prefix queries, and how many windows each walks.
     prefix_programs: int = 0
     windows_per_part: int = 0
 
     @property
     def programs(self) -> int:
+        if self.kernel == "window":
+            return self.n_seg
         return self.n_seg * (self.tiles_per_seg + self.tail_tiles) + self.prefix_programs
 
     @property
@@ -182,7 +188,8 @@ def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None)
     Windowed: the prefix keys' dK/dV and the prefix queries' dQ (16-row global-mode launches, they
     see everything), then, where the table has its tile (``configs.window_tile``), one program per
     window (``attn_bwd_window_kernel``) for the rest: 5 products a visible pair, dQ summed in a fixed
-    order by the program that owns the window; elsewhere windowed dK/dV and dQ launches (7 products).
+    order by the program that owns the window, keys in full wide tiles and then 16-key tiles (any T);
+    elsewhere windowed dK/dV and dQ launches (7 products).
     """
     table = configs.active_table() if table is None else table
     if window_tokens == 0:
@@ -206,6 +213,7 @@ def backward_plan(n, num_prefix, window_tokens, head_dim, elem_size, table=None)
                 kernel, table, bd, elem_size, True, P, T, (n - P) // T, _wide_keys(kernel, bd, elem_size, T, table)
             )  # fmt: skip
         ]
-    if n > P:  # one program per window walks its T / BLOCK key tiles
-        launches.append(Launch("window", "window", tile, True, P, T, (n - P) // T, 0, T // tile.block_m))
+    if n > P:  # one program per window walks its T // BLOCK wide key tiles, then 16-key tiles
+        main, tail = split_segment(T, tile.block_m)
+        launches.append(Launch("window", "window", tile, True, P, T, (n - P) // T, 0, main, tail_tiles=tail))
     return launches

@@ -10,7 +10,8 @@ steps), the objects ``attention.py`` launches, on the sm_90 (Hopper) tile table:
   and columns, times 2 x the executed width of each product: D0 + DC1 for products that contract
   over D (q k^T, do v^T), D0 + D1 for products whose output is D wide (see ``head_chunks``).
   Forward: 2 products, dQ kernel: 3, dK/dV kernel: 4 (7 in all: dQ recomputes S and dP); the
-  windowed backward's per-window kernel: 5 for the window's own pairs (dQ summed in place).
+  windowed backward's per-window kernel: 5 for the window's own pairs (dQ summed in place), over
+  its wide key tiles and the 16-key tiles of the window's ragged rest.
 - HBM bytes, assuming the programs of one launch and head run together and share what they read
   through L2 (so a launch reads each K / V row it walks once) and that nothing survives in L2 from
   one launch to the next: each launch reads the Q (dO, lse, delta) rows it owns and the K, V (Q, dO)
@@ -94,6 +95,12 @@ def _columns(launch: Launch, n: int, p: int) -> int:
     return _walked(n, step)
 
 
+def window_key_rows(launch: Launch) -> int:
+    """Key rows a per-window program computes: its wide key tiles, then its 16-key tiles (masked keys
+    included)."""
+    return launch.tiles_per_seg * launch.tile.block_m + launch.tail_tiles * SMALL
+
+
 PRODUCTS = {"fwd": (1, 1), "combine": (1, 1), "dq": (2, 1), "dkdv": (2, 2)}  # (contract over D, D-wide out)
 
 
@@ -117,7 +124,7 @@ def executed_flops(launches: list[Launch], n: int, p: int, head_dim: int) -> int
             continue
         if launch.kernel == "window":  # keys x (prefix queries: 4 products, window queries: 5)
             t, step = launch.seg_len, launch.tile.block_n
-            key_rows = launch.tiles_per_seg * launch.tile.block_m
+            key_rows = window_key_rows(launch)
             one = key_rows * (_walked(p, SMALL) * per_pair(2, 2) + _walked(t, step) * per_pair(2, 3))
             one += -(-t // step) * step * _walked(p, SMALL) * per_pair(2, 1)  # dQ's prefix keys
             total += launch.n_seg * one
@@ -150,7 +157,8 @@ def planned_bytes(launches: list[Launch], n: int, p: int, head_dim: int, es: int
             t = launch.seg_len
             total += launch.n_seg * t * (6 * row + 8)  # q, do, lse, delta, k, v read; dk, dv written
             total += p * (2 * row + 8)  # the prefix q, do
-            total += launch.n_seg * t * head_dim * 4 * 2 * launch.tiles_per_seg  # fp32 dQ sums, per key tile
+            # fp32 dQ sums: written by the first key tile, read and written by each later one, read at the end
+            total += launch.n_seg * t * head_dim * 4 * 2 * (launch.tiles_per_seg + launch.tail_tiles)
             total += launch.n_seg * t * row  # dq written
             continue
         if not backward:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from tolerance import EPS, assert_close_to_reference
 
 from radio_kernels import _attention_configs as configs
+from radio_kernels import _attention_plan as plan
 from radio_kernels import attention, reference
 from radio_kernels.attention import triton_supports
 
@@ -197,6 +198,47 @@ def test_every_head_dim_float16(D):
 def test_more_than_sixteen_prefix_tokens(P, T):
     """P > 16 walks the prefix columns in several 16-wide blocks (full ones, then a masked tail)."""
     check_against_reference(1, 2, P + 2 * T, 32, P, T, torch.float16, packed=True)
+
+
+@pytest.mark.parametrize(
+    "T, wide, tail",
+    [
+        (25, 0, 2),  # shorter than one 32-key tile: two 16-key tiles, the second masked (9 keys)
+        (36, 1, 1),  # 6 x 6 window: a 32-key tile, then a 16-key tile of 4 keys
+        (48, 1, 1),  # the rest is one whole 16-key tile
+        (80, 2, 1),
+    ],
+)
+def test_per_window_backward_with_ragged_key_tiles(T, wide, tail):
+    """Windows that are not whole key tiles of the per-window backward kernel (the interpreter's
+    32-key tile): its full tiles, then 16-key tiles, the last one masked where 16 does not divide
+    the rest; dQ summed over tiles of both widths. D = 72: head-dim chunks 64 + 8."""
+    P, D = 10, 72
+    (launch,) = [x for x in plan.backward_plan(P + 2 * T, P, T, D, 2) if x.kernel == "window"]
+    assert (launch.tiles_per_seg, launch.tail_tiles) == (wide, tail)
+    check_against_reference(1, 2, P + 2 * T, D, P, T, torch.float16, packed=True)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's 32-key window tile leaves a masked 16-key tile at T = 36")
+def test_masked_keys_of_a_window_tile_add_nothing_when_exp2_overflows():
+    """Every score strongly negative (lse ~ -30): a masked key (k = 0, score 0) would get
+    p = exp2(-lse) ~ 2**27, which overflows float16, and its dQ share inf * 0 = NaN; the kernel gives
+    masked keys p = 0."""
+    B, H, P, T, D = 1, 1, 4, 36, 32
+    N = P + 2 * T
+    g = torch.Generator().manual_seed(5)
+    q = (2.0 + 0.1 * torch.randn(B, H, N, D, generator=g)).half().requires_grad_()
+    k = (-2.0 + 0.1 * torch.randn(B, H, N, D, generator=g)).half().requires_grad_()
+    v = torch.randn(B, H, N, D, generator=g).half().requires_grad_()
+    grad_out = torch.randn(B, H, N, D, generator=g).half()
+    out = attention(q, k, v, num_prefix=P, window_tokens=T, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = reference.attention_dense(*x64, P, T, D**-0.5)
+    ref = torch.autograd.grad(out64, x64, grad_out.double())
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=name)
 
 
 def test_custom_scale():

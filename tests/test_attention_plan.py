@@ -148,10 +148,15 @@ def test_windowed_backward_covers_every_key_once(table, P, T, windows, D):
     keys = []
     for launch in launches:
         if launch.kernel == "window":
+            # the kernel's two key loops: wide tiles, then 16-key tiles up to the window's end
+            walked = launch.tiles_per_seg * launch.tile.block_m + launch.tail_tiles * plan.SMALL
+            assert launch.tiles_per_seg == T // launch.tile.block_m
+            assert T <= walked < T + plan.SMALL  # at most 15 keys computed and dropped
+            assert launch.programs == launch.n_seg == windows
             for w in range(launch.n_seg):
                 start = launch.row_base + w * launch.seg_len
                 lo = start + launch.seg_offset
-                keys += range(lo, min(lo + launch.tiles_per_seg * launch.tile.block_m, start + launch.seg_len))
+                keys += range(lo, min(lo + walked, start + launch.seg_len))
         elif launch.kernel == "dkdv":
             keys += [row for row, _ in owned_rows(launch)]
     assert sorted(keys) == list(range(N))
@@ -159,3 +164,42 @@ def test_windowed_backward_covers_every_key_once(table, P, T, windows, D):
     assert uses_window_kernel == (configs.window_tile(table, D, 2, T) is not None)
     if uses_window_kernel:  # 5 products a pair: no windowed dQ launch
         assert not any(x.kernel == "dq" and x.windowed for x in launches)
+
+
+def test_so400m_window12_backward_runs_one_per_window_launch_with_a_16_key_tail():
+    """144 = 64 + 64 + 16: two 64-key tiles and one 16-key tile per window, no windowed dQ / dK-dV."""
+    n, p, t, d = 10 + 72 * 72, 10, 144, 72
+    launches = plan.backward_plan(n, p, t, d, 2, configs.HOPPER_TABLE)
+    assert [x.kernel for x in launches] == ["dkdv", "dq", "window"]
+    window = launches[-1]
+    assert window.tile == configs.WINDOW_TILES["hopper"]
+    assert (window.n_seg, window.tiles_per_seg, window.tail_tiles) == (36, 2, 1)
+    assert all(not x.windowed for x in launches[:2])
+
+
+def test_perf_model_counts_the_per_window_kernel_by_hand():
+    """One 144-token window (D = 72: chunks 64 + 8, contractions 64 + 16 wide), P = 10, no prefix
+    launches counted: per key row (64 + 64 + 16 = 144 of them), the 16-row prefix query step (S, dP,
+    dV, dK) and 144 window queries (and their dQ share); then 144 dQ rows over one 16-key prefix step
+    (S, dP, dQ)."""
+    p, t, d = 10, 144, 72
+    (window,) = [x for x in plan.backward_plan(p + t, p, t, d, 2, configs.HOPPER_TABLE) if x.kernel == "window"]
+    contract, out = 2 * (64 + 16), 2 * (64 + 8)
+    expected = 144 * 16 * (2 * contract + 2 * out) + 144 * 144 * (2 * contract + 3 * out)
+    expected += 144 * 16 * (2 * contract + out)
+    assert perf_model.executed_flops([window], p + t, p, d) == expected
+    # fp32 dQ sums: written by key tile 1, read and written by tiles 2 and 3, read at the end
+    dq_sums = 144 * d * 4 * (1 + 2 + 2 + 1)
+    row = d * 2
+    expected_bytes = 144 * (6 * row + 8) + p * (2 * row + 8) + dq_sums + 144 * row
+    assert perf_model.planned_bytes([window], p + t, p, d, 2, backward=True) == expected_bytes
+
+
+def test_perf_model_meets_the_backward_mma_limit():
+    """Backward executed MMA at most 1.5x the 5-matmul flash backward, SO400M's 144-token windows
+    included (they took 7-product dK/dV + dQ launches before the per-window kernel walked 16-key tails)."""
+    rows = [r for r in perf_model.plan_rows() if r["pass_"] == "bwd"]
+    assert [f for f in perf_model.threshold_failures(rows) if "bwd:" in f] == []
+    so400m = next(r for r in rows if r["problem"] == "SO400M/16 1152px win12")
+    assert so400m["mma_ratio"] <= perf_model.BWD_MMA_LIMIT
+    assert "window:64x16" in so400m["tiles"] and "dq:128x32" not in so400m["tiles"]
