@@ -188,19 +188,46 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     return t
 
 
-def _table(tiles) -> dict[TileKey, Tile]:
+# The windowed forward (``attn_fwd_window_kernel``: wide tiles, 16-row tails and prefix programs in one
+# binary, sized by its widest branch) needs more registers than the global forward with the same tile.
+# Where it spilled, these entries replace the table's (es, bd) -> {(launch, narrow): Tile}: the narrow
+# tile serves the windowed forward only; the wide one and fwd_prefix (the combine) serve the global
+# forward too. Each is the first of 8 warps, 2 stages, 32 columns, 32 rows that compiled spill-free
+# for every head dim of the block on the table's architectures.
+_WINDOW_FORWARD = {
+    "ampere": {
+        (2, 128): {("fwd", True): Tile(64, 64, 8, 3)},
+        (4, 64): {("fwd", True): Tile(64, 64, 8, 3)},
+        (4, 128): {("fwd", True): Tile(32, 32, 8, 2)},
+    },
+    "blackwell": {
+        (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
+        (2, 64): {("fwd", False): Tile(128, 32, 8, 3)},
+        (2, 128): {("fwd", True): Tile(64, 64, 8, 2)},
+        (4, 128): {("fwd", True): Tile(32, 32, 4, 2), ("fwd_prefix", False): Tile(16, 32, 8, 3)},
+    },
+    "consumer": {
+        (2, 64): {("fwd", True): Tile(64, 64, 8, 3)},
+        (2, 128): {("fwd", True): Tile(32, 32, 4, 2)},
+        (4, 128): {("fwd", False): Tile(32, 32, 8, 2), ("fwd", True): Tile(32, 32, 8, 2)},
+    },
+}
+
+
+def _table(tiles, window_forward=None) -> dict[TileKey, Tile]:
+    window_forward = window_forward or {}
     return {
         (launch, bd, es, narrow): tile
         for bd in BLOCK_DS
         for es in (2, 4)
-        for (launch, narrow), tile in tiles(bd, es).items()
+        for (launch, narrow), tile in (tiles(bd, es) | window_forward.get((es, bd), {})).items()
     }
 
 
 HOPPER_TABLE = _table(_hopper_tiles)
-BLACKWELL_TABLE = _table(_blackwell_tiles)
-AMPERE_TABLE = _table(_ampere_tiles)
-CONSUMER_TABLE = _table(_consumer_tiles)
+BLACKWELL_TABLE = _table(_blackwell_tiles, _WINDOW_FORWARD["blackwell"])
+AMPERE_TABLE = _table(_ampere_tiles, _WINDOW_FORWARD["ampere"])
+CONSUMER_TABLE = _table(_consumer_tiles, _WINDOW_FORWARD["consumer"])
 # arch -> the table the audit compiles for it (one table may serve several archs).
 GPU_TABLES = {
     HOPPER: HOPPER_TABLE,
