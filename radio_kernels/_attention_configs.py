@@ -120,11 +120,19 @@ def _ampere_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         # spills 40-104 B at 4 or 8 warps; 64 keys over 8 warps need ~200 registers a thread.
         t["dkdv", False] = Tile(64, 32, 8, 3)
         t["dkdv", True] = Tile(64, 32, 8, 3)
+        t["dq", True] = Tile(64, 32, 8, 3)  # 4 warps spill 8 B at D = 72 in the narrow windowed dQ
     if es == 2 and bd == 16:
         t["fwd", True] = Tile(64, 64, 4, 2)  # 3 stages spill 4 B in the narrow windowed forward
     if es == 4 and bd == 128:
         # Hopper's 128-row fp32 dQ needs 180 KB of shared memory (> 163 KB) and spills.
         t["dq", False] = Tile(64, 32, 8, 3)
+        # dK/dV: 32 x 32 spills 28-224 B at D = 72-96 (windowed most), 8 warps on 16-query steps do not;
+        # the 16-key tile spills 12-92 B with 32-query steps.
+        t["dkdv", False] = t["dkdv", True] = Tile(32, 16, 8, 3)
+        t["dkdv_prefix", False] = Tile(16, 16, 4, 3)
+        t["dq", True] = Tile(32, 32, 8, 3)  # 4 warps spill 4 B at D = 96 in the narrow windowed dQ
+    if es == 4 and bd == 32:
+        t["dq", False] = Tile(128, 32, 4, 3)  # 8 warps: ptxas stops at 128 registers and spills 12 B (windowed)
     if es == 4 and bd == 64:
         t["dkdv", True] = Tile(64, 16, 4, 3)  # 32-query steps spill 8 B in the narrow windowed dK/dV
     return t
@@ -411,8 +419,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     out = []
     for arch, table in GPU_TABLES.items():
         for dtype in AUDIT_DTYPES:
-            if arch not in SHIPPED_ARCHS or dtype not in SHIPPED_DTYPES:
-                continue  # not launched on a GPU (see SHIPPED_ARCHS)
             es = 4 if dtype == "fp32" else 2
             fp32 = ("LSE", "DELTA", "PART_ACC", "PART_ML", "DQACC")
             ptrs = {name: ("fp32" if name in fp32 else dtype) for name in

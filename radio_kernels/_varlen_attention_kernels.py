@@ -176,8 +176,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
         BLACKWELL,
         GPU_TABLES,
         HOPPER,
-        SHIPPED_ARCHS,
-        SHIPPED_DTYPES,
     )
     from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
@@ -187,8 +185,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     out = []
     for arch, table in GPU_TABLES.items():
         for dtype in AUDIT_DTYPES:
-            if arch not in SHIPPED_ARCHS or dtype not in SHIPPED_DTYPES:
-                continue  # not launched on a GPU (see _attention_configs.SHIPPED_ARCHS)
             es = 4 if dtype == "fp32" else 2
             ptrs = {name: ("fp32" if name in ("LSE", "DELTA") else dtype) for name in
                     ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA")}  # fmt: skip
