@@ -10,6 +10,8 @@ CUDA device (the target Triton compiles for):
     CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
 
+The v2 kernels ship where their tiles are re-audited (``SHIPPED_ARCHS``: sm_90 and sm_80, fp16 / bf16 /
+fp32); the Blackwell and consumer tables are partly re-tuned and run the PyTorch path until they are.
 GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
 says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
 table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with N ~ 100 cross many block and
@@ -95,12 +97,15 @@ def _hopper_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("fwd", False): Tile(128, 32, 8, 3),
             ("fwd", True): Tile(64, 32, 8, 3),
             ("fwd_prefix", False): Tile(16, 32, 4, 3),
-            ("dq", True): Tile(32, 32, 4, 3),
-            ("dq_prefix", False): Tile(16, 32, 4, 3),
-            ("dkdv", False): Tile(32, 32, 4, 2),
-            ("dkdv", True): Tile(32, 32, 4, 2),
-            ("dkdv_prefix", False): Tile(16, 32, 4, 3),
+            ("dq", True): Tile(32, 32, 4, 2),  # v2: 3 stages spill 4-8 B at D = 72 / 96
+            ("dq_prefix", False): Tile(16, 32, 8, 3),  # v2: 4 warps spill 4-16 B at D = 72 / 128
+            ("dkdv", False): Tile(32, 16, 8, 2),  # v2: 32 x 32 spills 20-304 B at D = 72-96
+            ("dkdv", True): Tile(32, 16, 8, 2),
+            ("dkdv_prefix", False): Tile(16, 16, 8, 3),  # v2: 16 x 32 spills 8-108 B at D = 72 / 80
         })  # fmt: skip
+    if es == 4 and bd <= 64:
+        # float32 16-row dQ: 4 warps spill 4-8 B in the windowed prefix / tail rows (D = 32, 64); 8 warps do not.
+        t["dq_prefix", False] = Tile(16, 64, 8, t["dq_prefix", False].num_stages)
     return t
 
 
@@ -176,9 +181,11 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
         (2, 128): {("fwd", True): Tile(64, 32, 4, 3), ("dq", False): Tile(128, 32, 8, 2)},
-        (4, 32): {("fwd", True): Tile(64, 32, 4, 3)},
+        # dK/dV at D = 32: 128 x 32 spills 12 B on sm_120 (windowed); 16-query steps keep the 128 keys.
+        (4, 32): {("fwd", True): Tile(64, 32, 4, 3), ("dkdv", False): Tile(128, 16, 8, 3)},
         (4, 64): {
             ("dq", True): Tile(64, 32, 8, 3),
+            ("dq_prefix", False): Tile(16, 64, 4, 3),  # Hopper's 8 warps spill 4 B on sm_120 (windowed tail)
             ("dkdv", False): Tile(32, 32, 4, 3),
             ("dkdv", True): Tile(32, 32, 4, 3),
         },
@@ -187,9 +194,11 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("fwd", True): Tile(64, 32, 8, 2),
             ("dq", False): Tile(64, 16, 4, 3),
             ("dq", True): Tile(64, 16, 4, 3),
-            ("dq_prefix", False): Tile(16, 32, 4, 2),
-            ("dkdv", False): Tile(32, 16, 4, 3),
-            ("dkdv", True): Tile(32, 16, 4, 3),
+            ("dq_prefix", False): Tile(16, 16, 8, 2),  # v2: 16 x 32 spills 4-12 B at D = 72-128 on sm_120
+            # dK/dV at D = 72 spill 12-32 B on sm_120 / sm_86 with 32 keys, or 16 keys on 4 warps: 8 warps.
+            ("dkdv", False): Tile(16, 16, 8, 3),
+            ("dkdv", True): Tile(16, 16, 8, 3),
+            ("dkdv_prefix", False): Tile(16, 16, 8, 3),
         },
     }
     t.update(overrides.get((es, bd), {}))
@@ -276,30 +285,37 @@ def unsupported_capability(major: int, minor: int) -> str | None:
     if major < 8:
         return (
             f"the Triton attention kernels need compute capability >= 8.0 (tiles audited for sm_80, sm_86, "
-            f"sm_90 and sm_120), got {major}.{minor}"
+            f"sm_89, sm_90, sm_100 and sm_120), got {major}.{minor}"
         )
     return None
 
 
 # Where the v2 kernels (head-dim chunks, window-aligned tiles, folded prefix, per-window backward, TMA)
-# ship: the architectures and dtypes their tiles are audited spill-free for. The other tables below
-# are kept and run under the interpreter (tests), but their v2 compilations still spill (v1's did
-# not), so those GPUs run the PyTorch path until the tables are re-tuned.
-SHIPPED_ARCHS = (HOPPER,)
-SHIPPED_DTYPES = ("fp16", "bf16")
+# ship: the architectures and dtypes whose tiles the audit keeps spill-free (the windowed forward
+# excepted, see bench/results/audit_attention_v2_retune_2026-12-01.txt). Elsewhere ``backend="auto"``
+# runs the PyTorch path.
+SHIPPED_ARCHS = (HOPPER, AMPERE)
+SHIPPED_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def audited_arch(major: int, minor: int) -> int:
+    """The audited architecture whose compiler output a device of capability ``major.minor`` runs: sm_86 and
+    sm_89 are audited on their own, other minor versions as their family's (sm_87 as sm_80, sm_121 as sm_120)."""
+    return major * 10 + (minor if (major, minor) in CONSUMER_CAPABILITIES else 0)
 
 
 def unshipped_reason(major: int, minor: int, dtype_name: str) -> str | None:
     """None when the kernels ship for compute capability ``major.minor`` and ``dtype_name`` ("bf16"...)."""
     if reason := unsupported_capability(major, minor):
         return reason
-    if major * 10 not in SHIPPED_ARCHS:
+    if audited_arch(major, minor) not in SHIPPED_ARCHS:
+        audited = ", ".join(f"sm_{arch}" for arch in sorted(SHIPPED_ARCHS))
         return (
-            f"the Triton attention kernels (v2) are audited for sm_90 (H100 / H200) only so far, got compute "
-            f"capability {major}.{minor}"
+            f"the Triton attention kernels (v2) are audited for {audited} so far, got compute capability "
+            f"{major}.{minor}"
         )
     if dtype_name not in SHIPPED_DTYPES:
-        return f"the Triton attention kernels (v2) on GPUs take float16 or bfloat16, got {dtype_name}"
+        return f"the Triton attention kernels (v2) on GPUs take {' / '.join(SHIPPED_DTYPES)}, got {dtype_name}"
     return None
 
 
@@ -361,10 +377,10 @@ def prefix_block(block_n: int) -> int:
 AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128)
 AUDIT_DTYPES = ("fp16", "bf16", "fp32")
 # ``--sample`` (the quick audit of tests/test_audit.py): arch -> (dtype, head dim) whose global
-# fwd / dq / dkdv tiles and delta it compiles; the Hopper ones must use HGMMA, the Ampere ones are
-# the tiles that override Hopper's.
+# fwd / dq / dkdv tiles and delta it compiles; the Hopper 16-bit ones must use HGMMA, the Ampere ones
+# are the tiles that override Hopper's, and float32 D = 72 is the head dim whose fp32 tiles spill first.
 SAMPLE = {
-    HOPPER: (("bf16", 64), ("bf16", 128)),
+    HOPPER: (("bf16", 64), ("bf16", 128), ("fp32", 72)),
     BLACKWELL: (("bf16", 64), ("bf16", 128)),
     AMPERE: (("bf16", 128), ("fp32", 128)),
     CONSUMER: (("fp32", 128),),
