@@ -153,7 +153,9 @@ def _blackwell_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     """
     t = _hopper_tiles(bd, es)
     overrides = {
+        (2, 32): {("dkdv_prefix", False): Tile(16, 64, 4, 1)},  # v2: 2 stages spill 4 B at D = 32
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3), ("delta", False): Tile(64, 0, 8, 1)},
+        (2, 128): {("dq", True): Tile(64, 32, 8, 3)},  # v2: 4 warps spill 4-8 B at D = 72 / 128 (narrow dQ)
         (4, 16): {("dkdv", False): Tile(128, 32, 8, 2)},
         (4, 32): {("dkdv", False): Tile(128, 32, 8, 2)},
         (4, 64): {("fwd", False): Tile(128, 32, 8, 3)},
