@@ -2,11 +2,11 @@
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 Here: every registered kernel on its ``--sample`` subset (the loss kernels: their first and last
-configuration on each arch; attention: the global bf16 D=64 / D=128 tiles, which must use HGMMA on
-sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of shared
-memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a device
-gets) in-process. The full audit (every configuration, ~3600 compilations) runs in CI:
-``python -m radio_kernels.audit``.
+configuration on each arch; attention, on the archs it ships to: the global bf16 D=64 / D=128 tiles,
+which must use HGMMA on sm_90, sm_90's fp32 D=72 tiles and the sm_80 tiles that override Hopper's),
+plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a device gets, where
+the kernels ship) in-process. The full audit (every configuration of every table, ~3400 compilations)
+runs in CI: ``python -m radio_kernels.audit``.
 """
 
 import os
