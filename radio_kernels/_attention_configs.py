@@ -182,7 +182,14 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     overrides = {
         (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
-        (2, 128): {("fwd", True): Tile(64, 32, 4, 3), ("dq", False): Tile(128, 32, 8, 2)},
+        (2, 128): {
+            ("fwd", True): Tile(64, 32, 4, 3),
+            ("dq", False): Tile(128, 32, 8, 2),
+            # v2 dK/dV: 64 x 32 spills 12-56 B at D = 72 / 96 (windowed) on sm_120 / sm_89, 64 x 16 on
+            # sm_86 (D = 96 / 128) or sm_120 (D = 72), 32 x 32 at D = 96 on sm_120.
+            ("dkdv", False): Tile(32, 16, 8, 3),
+            ("dkdv", True): Tile(32, 16, 8, 3),
+        },
         # dK/dV at D = 32: 128 x 32 spills 12 B on sm_120 (windowed); 16-query steps keep the 128 keys.
         (4, 32): {("fwd", True): Tile(64, 32, 4, 3), ("dkdv", False): Tile(128, 16, 8, 3)},
         (4, 64): {
@@ -194,8 +201,10 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         (4, 128): {
             ("fwd", False): Tile(32, 32, 4, 2),
             ("fwd", True): Tile(64, 32, 8, 2),
-            ("dq", False): Tile(64, 16, 4, 3),
-            ("dq", True): Tile(64, 16, 4, 3),
+            # v2 dQ: 64 x 16 spills 8-24 B at D = 80 / 96 on sm_120 (4 or 8 warps), 32 x 16 and 16 x 32 at
+            # D = 96 / 72; 16 x 16 on 8 warps does not.
+            ("dq", False): Tile(16, 16, 8, 2),
+            ("dq", True): Tile(16, 16, 8, 2),
             ("dq_prefix", False): Tile(16, 16, 8, 2),  # v2: 16 x 32 spills 4-12 B at D = 72-128 on sm_120
             # dK/dV at D = 72 spill 12-32 B on sm_120 / sm_86 with 32 keys, or 16 keys on 4 warps: 8 warps.
             ("dkdv", False): Tile(16, 16, 8, 3),
