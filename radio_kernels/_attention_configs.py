@@ -180,6 +180,7 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     """
     t = _ampere_tiles(bd, es)
     overrides = {
+        (2, 16): {("dq", False): Tile(128, 32, 4, 3)},  # v2: 8 warps stop at 64 registers, spill 4 B on sm_86 / 89
         (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
         (2, 128): {
@@ -191,7 +192,12 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("dkdv", True): Tile(32, 16, 8, 3),
         },
         # dK/dV at D = 32: 128 x 32 spills 12 B on sm_120 (windowed); 16-query steps keep the 128 keys.
-        (4, 32): {("fwd", True): Tile(64, 32, 4, 3), ("dkdv", False): Tile(128, 16, 8, 3)},
+        # v2 narrow dK/dV at D = 32: 4 warps spill 16 B on sm_86 / sm_89.
+        (4, 32): {
+            ("fwd", True): Tile(64, 32, 4, 3),
+            ("dkdv", False): Tile(128, 16, 8, 3),
+            ("dkdv", True): Tile(64, 32, 8, 3),
+        },
         (4, 64): {
             ("dq", True): Tile(64, 32, 8, 3),
             ("dq_prefix", False): Tile(16, 64, 4, 3),  # Hopper's 8 warps spill 4 B on sm_120 (windowed tail)

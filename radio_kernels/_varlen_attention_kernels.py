@@ -164,6 +164,8 @@ def varlen_tile(table: dict, launch: str, head_dim: int, elem_size: int):
         return Tile(16, 16, 8, 3)  # sm_90: the 32-key fp32 tile spills 8 B at D = 72 (1 or 2 stages)
     if table is CONSUMER_TABLE and (launch, bd, elem_size) == ("dq", 32, 4):
         return Tile(128, 32, 8, 3)  # sm_120: the 4-warp fp32 tile spills 4 B here
+    if table is CONSUMER_TABLE and (launch, bd, elem_size) == ("fwd", 128, 4):
+        return Tile(32, 32, 8, 2)  # sm_86: the 4-warp fp32 tile spills 16 B at D = 128
     return table[launch, bd, elem_size, False]
 
 
