@@ -10,8 +10,9 @@ CUDA device (the target Triton compiles for):
     CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
 
-The v2 kernels ship where their tiles are re-audited (``SHIPPED_ARCHS``: sm_90 and sm_80, fp16 / bf16 /
-fp32); the Blackwell and consumer tables are partly re-tuned and run the PyTorch path until they are.
+The v2 kernels ship where their tiles are re-audited (``SHIPPED_ARCHS``: sm_80, sm_86, sm_89, sm_90 and
+sm_120, fp16 / bf16 / fp32); the sm_100 table is partly re-tuned, so B200-class GPUs run the PyTorch
+path until it is.
 GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
 says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
 table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with N ~ 100 cross many block and
@@ -301,7 +302,7 @@ def unsupported_capability(major: int, minor: int) -> str | None:
     """None when a device of compute capability ``major.minor`` has a tile table, else the reason."""
     if major < 8:
         return (
-            f"the Triton attention kernels need compute capability >= 8.0 (tiles audited for sm_80, sm_86, "
+            f"the Triton attention kernels need compute capability >= 8.0 (tile tables for sm_80, sm_86, "
             f"sm_89, sm_90, sm_100 and sm_120), got {major}.{minor}"
         )
     return None
@@ -311,7 +312,7 @@ def unsupported_capability(major: int, minor: int) -> str | None:
 # ship: the architectures and dtypes whose tiles the audit keeps spill-free (the windowed forward
 # excepted, see bench/results/audit_attention_v2_retune_2026-12-01.txt). Elsewhere ``backend="auto"``
 # runs the PyTorch path.
-SHIPPED_ARCHS = (HOPPER, AMPERE)
+SHIPPED_ARCHS = (HOPPER, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL)
 SHIPPED_DTYPES = ("fp16", "bf16", "fp32")
 
 

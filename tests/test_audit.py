@@ -269,10 +269,12 @@ def test_audit_rejects_unknown_kernel_name():
         ((8, 0), "bf16", None),
         ((8, 0), "fp32", None),
         ((8, 7), "fp16", None),  # Jetson Orin: sm_80's table and compiler output
-        ((8, 6), "bf16", "audited for sm_80, sm_90 so far"),
-        ((8, 9), "fp32", "audited for sm_80, sm_90 so far"),
-        ((10, 0), "bf16", "got compute capability 10.0"),
-        ((12, 0), "fp16", "got compute capability 12.0"),
+        ((8, 6), "bf16", None),
+        ((8, 9), "fp32", None),
+        ((12, 0), "fp16", None),
+        ((12, 1), "bf16", None),  # GB10: sm_120's
+        ((10, 0), "bf16", "audited for sm_80, sm_86, sm_89, sm_90, sm_120 so far, got compute capability 10.0"),
+        ((11, 0), "fp32", "got compute capability 11.0"),  # Thor: sm_100's table, not audited on its own
         ((7, 5), "bf16", "compute capability >= 8.0"),
     ],
 )
@@ -281,6 +283,6 @@ def test_attention_ships_where_audited(capability, dtype, match):
     takes PyTorch and backend="triton" says why."""
     reason = configs.unshipped_reason(*capability, dtype)
     assert reason is None if match is None else match in reason
-    assert configs.SHIPPED_ARCHS == (configs.HOPPER, configs.AMPERE)
+    assert set(configs.SHIPPED_ARCHS) == set(configs.GPU_TABLES) - {configs.BLACKWELL}
     assert configs.SHIPPED_DTYPES == ("fp16", "bf16", "fp32")
     assert configs.audited_arch(8, 6) == 86 and configs.audited_arch(8, 7) == 80 and configs.audited_arch(12, 1) == 120
