@@ -10,6 +10,9 @@ CUDA device (the target Triton compiles for):
     CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
 
+The v2 kernels ship where their tiles are re-audited (``SHIPPED_ARCHS``: sm_80, sm_86, sm_89, sm_90 and
+sm_120, fp16 / bf16 / fp32); the sm_100 table is partly re-tuned, so B200-class GPUs run the PyTorch
+path until it is.
 GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
 says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
 table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with N ~ 100 cross many block and
@@ -95,12 +98,15 @@ def _hopper_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("fwd", False): Tile(128, 32, 8, 3),
             ("fwd", True): Tile(64, 32, 8, 3),
             ("fwd_prefix", False): Tile(16, 32, 4, 3),
-            ("dq", True): Tile(32, 32, 4, 3),
-            ("dq_prefix", False): Tile(16, 32, 4, 3),
-            ("dkdv", False): Tile(32, 32, 4, 2),
-            ("dkdv", True): Tile(32, 32, 4, 2),
-            ("dkdv_prefix", False): Tile(16, 32, 4, 3),
+            ("dq", True): Tile(32, 32, 4, 2),  # v2: 3 stages spill 4-8 B at D = 72 / 96
+            ("dq_prefix", False): Tile(16, 32, 8, 3),  # v2: 4 warps spill 4-16 B at D = 72 / 128
+            ("dkdv", False): Tile(32, 16, 8, 2),  # v2: 32 x 32 spills 20-304 B at D = 72-96
+            ("dkdv", True): Tile(32, 16, 8, 2),
+            ("dkdv_prefix", False): Tile(16, 16, 8, 3),  # v2: 16 x 32 spills 8-108 B at D = 72 / 80
         })  # fmt: skip
+    if es == 4 and bd <= 64:
+        # float32 16-row dQ: 4 warps spill 4-8 B in the windowed prefix / tail rows (D = 32, 64); 8 warps do not.
+        t["dq_prefix", False] = Tile(16, 64, 8, t["dq_prefix", False].num_stages)
     return t
 
 
@@ -120,11 +126,19 @@ def _ampere_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         # spills 40-104 B at 4 or 8 warps; 64 keys over 8 warps need ~200 registers a thread.
         t["dkdv", False] = Tile(64, 32, 8, 3)
         t["dkdv", True] = Tile(64, 32, 8, 3)
+        t["dq", True] = Tile(64, 32, 8, 3)  # 4 warps spill 8 B at D = 72 in the narrow windowed dQ
     if es == 2 and bd == 16:
         t["fwd", True] = Tile(64, 64, 4, 2)  # 3 stages spill 4 B in the narrow windowed forward
     if es == 4 and bd == 128:
         # Hopper's 128-row fp32 dQ needs 180 KB of shared memory (> 163 KB) and spills.
         t["dq", False] = Tile(64, 32, 8, 3)
+        # dK/dV: 32 x 32 spills 28-224 B at D = 72-96 (windowed most), 8 warps on 16-query steps do not;
+        # the 16-key tile spills 12-92 B with 32-query steps.
+        t["dkdv", False] = t["dkdv", True] = Tile(32, 16, 8, 3)
+        t["dkdv_prefix", False] = Tile(16, 16, 4, 3)
+        t["dq", True] = Tile(32, 32, 8, 3)  # 4 warps spill 4 B at D = 96 in the narrow windowed dQ
+    if es == 4 and bd == 32:
+        t["dq", False] = Tile(128, 32, 4, 3)  # 8 warps: ptxas stops at 128 registers and spills 12 B (windowed)
     if es == 4 and bd == 64:
         t["dkdv", True] = Tile(64, 16, 4, 3)  # 32-query steps spill 8 B in the narrow windowed dK/dV
     return t
@@ -140,7 +154,9 @@ def _blackwell_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     """
     t = _hopper_tiles(bd, es)
     overrides = {
+        (2, 32): {("dkdv_prefix", False): Tile(16, 64, 4, 1)},  # v2: 2 stages spill 4 B at D = 32
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3), ("delta", False): Tile(64, 0, 8, 1)},
+        (2, 128): {("dq", True): Tile(64, 32, 8, 3)},  # v2: 4 warps spill 4-8 B at D = 72 / 128 (narrow dQ)
         (4, 16): {("dkdv", False): Tile(128, 32, 8, 2)},
         (4, 32): {("dkdv", False): Tile(128, 32, 8, 2)},
         (4, 64): {("fwd", False): Tile(128, 32, 8, 3)},
@@ -165,23 +181,42 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
     """
     t = _ampere_tiles(bd, es)
     overrides = {
+        (2, 16): {("dq", False): Tile(128, 32, 4, 3)},  # v2: 8 warps stop at 64 registers, spill 4 B on sm_86 / 89
         (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
-        (2, 128): {("fwd", True): Tile(64, 32, 4, 3), ("dq", False): Tile(128, 32, 8, 2)},
-        (4, 32): {("fwd", True): Tile(64, 32, 4, 3)},
+        (2, 128): {
+            ("fwd", True): Tile(64, 32, 4, 3),
+            ("dq", False): Tile(128, 32, 8, 2),
+            # v2 dK/dV: 64 x 32 spills 12-56 B at D = 72 / 96 (windowed) on sm_120 / sm_89, 64 x 16 on
+            # sm_86 (D = 96 / 128) or sm_120 (D = 72), 32 x 32 at D = 96 on sm_120.
+            ("dkdv", False): Tile(32, 16, 8, 3),
+            ("dkdv", True): Tile(32, 16, 8, 3),
+        },
+        # dK/dV at D = 32: 128 x 32 spills 12 B on sm_120 (windowed); 16-query steps keep the 128 keys.
+        # v2 narrow dK/dV at D = 32: 4 warps spill 16 B on sm_86 / sm_89.
+        (4, 32): {
+            ("fwd", True): Tile(64, 32, 4, 3),
+            ("dkdv", False): Tile(128, 16, 8, 3),
+            ("dkdv", True): Tile(64, 32, 8, 3),
+        },
         (4, 64): {
             ("dq", True): Tile(64, 32, 8, 3),
+            ("dq_prefix", False): Tile(16, 64, 4, 3),  # Hopper's 8 warps spill 4 B on sm_120 (windowed tail)
             ("dkdv", False): Tile(32, 32, 4, 3),
             ("dkdv", True): Tile(32, 32, 4, 3),
         },
         (4, 128): {
             ("fwd", False): Tile(32, 32, 4, 2),
             ("fwd", True): Tile(64, 32, 8, 2),
-            ("dq", False): Tile(64, 16, 4, 3),
-            ("dq", True): Tile(64, 16, 4, 3),
-            ("dq_prefix", False): Tile(16, 32, 4, 2),
-            ("dkdv", False): Tile(32, 16, 4, 3),
-            ("dkdv", True): Tile(32, 16, 4, 3),
+            # v2 dQ: 64 x 16 spills 8-24 B at D = 80 / 96 on sm_120 (4 or 8 warps), 32 x 16 and 16 x 32 at
+            # D = 96 / 72; 16 x 16 on 8 warps does not.
+            ("dq", False): Tile(16, 16, 8, 2),
+            ("dq", True): Tile(16, 16, 8, 2),
+            ("dq_prefix", False): Tile(16, 16, 8, 2),  # v2: 16 x 32 spills 4-12 B at D = 72-128 on sm_120
+            # dK/dV at D = 72 spill 12-32 B on sm_120 / sm_86 with 32 keys, or 16 keys on 4 warps: 8 warps.
+            ("dkdv", False): Tile(16, 16, 8, 3),
+            ("dkdv", True): Tile(16, 16, 8, 3),
+            ("dkdv_prefix", False): Tile(16, 16, 8, 3),
         },
     }
     t.update(overrides.get((es, bd), {}))
@@ -308,31 +343,38 @@ def unsupported_capability(major: int, minor: int) -> str | None:
     """None when a device of compute capability ``major.minor`` has a tile table, else the reason."""
     if major < 8:
         return (
-            f"the Triton attention kernels need compute capability >= 8.0 (tiles audited for sm_80, sm_86, "
-            f"sm_90 and sm_120), got {major}.{minor}"
+            f"the Triton attention kernels need compute capability >= 8.0 (tile tables for sm_80, sm_86, "
+            f"sm_89, sm_90, sm_100 and sm_120), got {major}.{minor}"
         )
     return None
 
 
 # Where the v2 kernels (head-dim chunks, window-aligned tiles, folded prefix, per-window backward, TMA)
-# ship: the architectures and dtypes their tiles are audited spill-free for. The other tables below
-# are kept and run under the interpreter (tests), but their v2 compilations still spill (v1's did
-# not), so those GPUs run the PyTorch path until the tables are re-tuned.
-SHIPPED_ARCHS = (HOPPER,)
-SHIPPED_DTYPES = ("fp16", "bf16")
+# ship: the architectures and dtypes whose tiles the audit keeps spill-free (the windowed forward
+# excepted, see bench/results/audit_attention_v2_retune_2026-12-01.txt). Elsewhere ``backend="auto"``
+# runs the PyTorch path.
+SHIPPED_ARCHS = (HOPPER, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL)
+SHIPPED_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def audited_arch(major: int, minor: int) -> int:
+    """The audited architecture whose compiler output a device of capability ``major.minor`` runs: sm_86 and
+    sm_89 are audited on their own, other minor versions as their family's (sm_87 as sm_80, sm_121 as sm_120)."""
+    return major * 10 + (minor if (major, minor) in CONSUMER_CAPABILITIES else 0)
 
 
 def unshipped_reason(major: int, minor: int, dtype_name: str) -> str | None:
     """None when the kernels ship for compute capability ``major.minor`` and ``dtype_name`` ("bf16"...)."""
     if reason := unsupported_capability(major, minor):
         return reason
-    if major * 10 not in SHIPPED_ARCHS:
+    if audited_arch(major, minor) not in SHIPPED_ARCHS:
+        audited = ", ".join(f"sm_{arch}" for arch in sorted(SHIPPED_ARCHS))
         return (
-            f"the Triton attention kernels (v2) are audited for sm_90 (H100 / H200) only so far, got compute "
-            f"capability {major}.{minor}"
+            f"the Triton attention kernels (v2) are audited for {audited} so far, got compute capability "
+            f"{major}.{minor}"
         )
     if dtype_name not in SHIPPED_DTYPES:
-        return f"the Triton attention kernels (v2) on GPUs take float16 or bfloat16, got {dtype_name}"
+        return f"the Triton attention kernels (v2) on GPUs take {' / '.join(SHIPPED_DTYPES)}, got {dtype_name}"
     return None
 
 
@@ -394,10 +436,10 @@ def prefix_block(block_n: int) -> int:
 AUDIT_HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128)
 AUDIT_DTYPES = ("fp16", "bf16", "fp32")
 # ``--sample`` (the quick audit of tests/test_audit.py): arch -> (dtype, head dim) whose global
-# fwd / dq / dkdv tiles and delta it compiles; the Hopper ones must use HGMMA, the Ampere ones are
-# the tiles that override Hopper's.
+# fwd / dq / dkdv tiles and delta it compiles; the Hopper 16-bit ones must use HGMMA, the Ampere ones
+# are the tiles that override Hopper's, and float32 D = 72 is the head dim whose fp32 tiles spill first.
 SAMPLE = {
-    HOPPER: (("bf16", 64), ("bf16", 128)),
+    HOPPER: (("bf16", 64), ("bf16", 128), ("fp32", 72)),
     BLACKWELL: (("bf16", 64), ("bf16", 128)),
     AMPERE: (("bf16", 128), ("fp32", 128)),
     CONSUMER: (("fp32", 128),),
@@ -453,8 +495,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     out = []
     for arch, table in GPU_TABLES.items():
         for dtype in AUDIT_DTYPES:
-            if arch not in SHIPPED_ARCHS or dtype not in SHIPPED_DTYPES:
-                continue  # not launched on a GPU (see SHIPPED_ARCHS)
             es = 4 if dtype == "fp32" else 2
             fp32 = ("LSE", "DELTA", "PART_ACC", "PART_ML", "DQACC")
             ptrs = {name: ("fp32" if name in fp32 else dtype) for name in

@@ -155,11 +155,17 @@ def attn_varlen_bwd_dq_kernel(
 def varlen_tile(table: dict, launch: str, head_dim: int, elem_size: int):
     """The tile the varlen kernels launch with: the global tile of ``table`` (see _attention_configs),
     except where ptxas spills the varlen variant (it also keeps its segment bounds in registers)."""
-    from ._attention_configs import AMPERE_TABLE, Tile, block_d_of
+    from ._attention_configs import AMPERE_TABLE, CONSUMER_TABLE, HOPPER_TABLE, Tile, block_d_of
 
     bd = block_d_of(head_dim)
     if table is AMPERE_TABLE and (launch, bd, elem_size) == ("dkdv", 64, 4):
         return Tile(64, 32, 8, 3)  # sm_80: the 128-key fp32 tile spills 16 B here
+    if table is HOPPER_TABLE and (launch, bd, elem_size) == ("dkdv", 128, 4):
+        return Tile(16, 16, 8, 3)  # sm_90: the 32-key fp32 tile spills 8 B at D = 72 (1 or 2 stages)
+    if table is CONSUMER_TABLE and (launch, bd, elem_size) == ("dq", 32, 4):
+        return Tile(128, 32, 8, 3)  # sm_120: the 4-warp fp32 tile spills 4 B here
+    if table is CONSUMER_TABLE and (launch, bd, elem_size) == ("fwd", 128, 4):
+        return Tile(32, 32, 8, 2)  # sm_86: the 4-warp fp32 tile spills 16 B at D = 128
     return table[launch, bd, elem_size, False]
 
 
@@ -176,8 +182,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
         BLACKWELL,
         GPU_TABLES,
         HOPPER,
-        SHIPPED_ARCHS,
-        SHIPPED_DTYPES,
     )
     from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
@@ -187,8 +191,6 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     out = []
     for arch, table in GPU_TABLES.items():
         for dtype in AUDIT_DTYPES:
-            if arch not in SHIPPED_ARCHS or dtype not in SHIPPED_DTYPES:
-                continue  # not launched on a GPU (see _attention_configs.SHIPPED_ARCHS)
             es = 4 if dtype == "fp32" else 2
             ptrs = {name: ("fp32" if name in ("LSE", "DELTA") else dtype) for name in
                     ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA")}  # fmt: skip

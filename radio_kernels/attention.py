@@ -19,10 +19,11 @@ The output is (B, H, N, D) laid out in memory as (B, N, H, D), so that
 Backends: ``"torch"`` runs ``reference.attention`` (SDPA, per-window copies for the prefix case);
 ``"triton"`` runs the fused flash-style kernels of ``_attention_kernels`` (forward and a
 deterministic backward, head dim <= 128; launch plan: ``_attention_plan``). On GPUs they ship for
-sm_90 (H100 / H200) and float16 / bfloat16, where their tiles are audited (see
-``_attention_configs.SHIPPED_ARCHS``); the interpreter runs them on CPU in any float dtype.
-``"auto"`` takes Triton on CUDA and falls back to the reference for what the kernels do not
-cover (float64, float32 on a GPU, head dim > 128, GPUs other than sm_90).
+sm_90 (H100 / H200), sm_80 (A100) and sm_86 / sm_89 / sm_120 (RTX 30xx / 40xx / 50xx, A10, L4, L40)
+in float16 / bfloat16 / float32, where their tiles are audited (see ``_attention_configs.SHIPPED_ARCHS``);
+the interpreter runs them on CPU in any float dtype. ``"auto"`` takes Triton on CUDA and falls back to
+the reference for what the kernels do not cover (float64, head dim > 128, sm_100 and other GPUs whose
+tiles are not re-audited for v2).
 """
 
 from __future__ import annotations

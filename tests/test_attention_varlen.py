@@ -143,6 +143,10 @@ def test_varlen_gpu_tile_tables_under_interpreter(table):
         check_varlen(1, 1, [70, 130, 3], 64, torch.float16, packed=True)
         if table == "AMPERE_TABLE":  # its own varlen fp32 D=64 dK/dV tile (64 keys)
             check_varlen(1, 1, [70, 60], 64, torch.float32, packed=False)
+        if table == "HOPPER_TABLE":  # its own varlen fp32 D > 64 dK/dV tile (16 keys, 16-query steps)
+            check_varlen(1, 1, [40, 27], 72, torch.float32, packed=False)
+        if table == "CONSUMER_TABLE":  # its own varlen fp32 D = 32 dQ tile (8 warps)
+            check_varlen(1, 1, [70, 60], 32, torch.float32, packed=False)
 
 
 def test_varlen_reference_gradcheck():

@@ -2,11 +2,11 @@
 
 It runs in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 Here: every registered kernel on its ``--sample`` subset (the loss kernels: their first and last
-configuration on each arch; attention: the global bf16 D=64 / D=128 tiles, which must use HGMMA on
-sm_90, the sm_80 tiles that override Hopper's and the consumer tiles that fit 99 KB of shared
-memory), plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a device
-gets) in-process. The full audit (every configuration, ~3600 compilations) runs in CI:
-``python -m radio_kernels.audit``.
+configuration on each arch; attention, on the archs it ships to: the global bf16 D=64 / D=128 tiles,
+which must use HGMMA on sm_90, sm_90's fp32 D=72 tiles and the sm_80 tiles that override Hopper's),
+plus the audit's bookkeeping (duplicate merging, per-arch limits, the tile table a device gets, where
+the kernels ship) in-process. The full audit (every configuration of every table, ~3400 compilations)
+runs in CI: ``python -m radio_kernels.audit``.
 """
 
 import os
@@ -86,22 +86,28 @@ def test_loss_kernels_audit_sample(registered):
     assert "all ok" in proc.stdout
 
 
-def test_sample_of_the_attention_kernels_on_sm90(registered):
-    """The attention kernels ship for sm_90 / 16-bit only (``configs.SHIPPED_ARCHS``); their sample
-    compiles spill-free there, with HGMMA, and the forward's TMA variant loads through UTMALDG."""
+def test_sample_of_the_attention_kernels_on_the_shipped_archs(registered):
+    """Every attention table is registered for its arch(s); the sample compiles spill-free on the archs
+    where the kernels ship (``configs.SHIPPED_ARCHS``), with HGMMA on sm_90, where the forward's TMA
+    variant loads through UTMALDG, and in float32 too."""
     others = sorted(set(registered) - set(LOSS_KERNELS))
     assert set(ATTENTION_MAIN) <= set(others)
-    assert all(set(registered[name]) == {"sm_90"} for name in others), {n: registered[n] for n in others}
-    proc = run_audit("--sample", *[a for name in others for a in ("--only", name)])
+    for name in others:  # the per-window backward ships on sm_90 only (``window_tile``)
+        want = {"sm_90"} if name == "attn_bwd_window_kernel" else ARCH_NAMES
+        assert set(registered[name]) == want, (name, registered[name])
+    shipped = [a for arch in configs.SHIPPED_ARCHS for a in ("--arch", str(arch))]
+    proc = run_audit("--sample", *shipped, *[a for name in others for a in ("--only", name)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
     assert {r[0] for r in rows} == set(others)
+    assert {r[2] for r in rows} == {f"sm_{arch}" for arch in configs.SHIPPED_ARCHS}
     assert all(r[-1] == "ok" and r[4] == "0/0" for r in rows), [r for r in rows if r[-1] != "ok"]
     for name in ATTENTION_MAIN:
         mine = [r for r in rows if r[0] == name]
         for d in (64, 128):
-            hopper = [r for r in mine if f"global bf16 D={d} " in r[1]]
+            hopper = [r for r in mine if f"global bf16 D={d} " in r[1] and r[2] == "sm_90"]
             assert len(hopper) == 1 and hopper[0][7] == "HGMMA", (name, d, hopper)
+        assert any(" fp32 " in r[1] for r in mine), name  # float32 ships too
     tma = [r for r in rows if r[0] == "attn_fwd_kernel" and "global tma bf16" in r[1]]
     assert tma and all(r[7] == "HGMMA+UTMALDG" for r in tma), tma
     summary = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("sm_")}
@@ -164,24 +170,33 @@ def test_duplicates_merge_into_one_compilation_per_arch():
     ]
 
 
-def test_attention_registry_ships_hopper_16_bit_only(listing):
-    """The attention kernels are registered for sm_90 in fp16 / bf16 only (what ships); the other
-    tables keep their own tiles (run under the interpreter) for the v2 re-tuning."""
+def test_attention_registry_covers_every_table(listing):
+    """Every GPU table is registered (fp16 / bf16 / fp32) for the archs it serves, shipped or not, so the
+    full audit shows where each stands; the per-window backward only for sm_90's 16-bit tiles."""
     attention = [line.split("\t") for line in listing if line.startswith("attn_")]
-    assert attention and all(row[4] == "sm_90" for row in attention)
-    assert not any(" fp32 " in row[1] for row in attention)
-    assert {row[1].split(" D=128 ")[1] for row in attention if row[1].startswith("dkdv global bf16 D=128 ")} == {
-        "BLOCK_N=128 BLOCK_M=32"
+    archs = {arch for row in attention for arch in row[4].split(",")}
+    assert archs == ARCH_NAMES
+    for dtype in ("fp16", "bf16", "fp32"):
+        assert {a for row in attention if f" {dtype} " in row[1] for a in row[4].split(",")} == ARCH_NAMES, dtype
+    window = [row for row in attention if row[0] == "attn_bwd_window_kernel"]
+    assert window and all(row[4] == "sm_90" and " fp32 " not in row[1] for row in window)
+    expected = {
+        configs.HOPPER: configs.Tile(128, 32, 8, 3),
+        configs.BLACKWELL: configs.Tile(128, 32, 8, 3),
+        configs.AMPERE: configs.Tile(64, 32, 8, 3),
+        configs.CONSUMER: configs.Tile(32, 16, 8, 3),
     }
     for arch, table in configs.GPU_TABLES.items():
-        expected = (
-            configs.Tile(128, 32, 8, 3) if arch in (configs.HOPPER, configs.BLACKWELL) else configs.Tile(64, 32, 8, 3)
-        )
-        assert table["dkdv", 128, 2, False] == expected
-    # merged duplicates: one entry per binary, listed once
-    configs_only = [line.rsplit("\t", 2)[0] if line.endswith("expect_wgmma") else line.rsplit("\t", 1)[0]
-                    for line in listing]  # fmt: skip
-    assert len(configs_only) == len(set(configs_only))
+        assert table["dkdv", 128, 2, False] == expected.get(arch, expected[configs.CONSUMER]), arch
+    dkdv = {row[1].split(" D=128 ")[1] for row in attention if row[1].startswith("dkdv global bf16 D=128 ")}
+    assert dkdv == {"BLOCK_N=128 BLOCK_M=32", "BLOCK_N=64 BLOCK_M=32", "BLOCK_N=32 BLOCK_M=16"}
+    # merged duplicates: one entry per binary, listed once; a label listed twice is two binaries (e.g.
+    # Hopper's forward with maxnreg, sm_100's without) on disjoint archs
+    seen: dict[str, set[str]] = {}
+    for line in listing:
+        key, archs = line.removesuffix("\texpect_wgmma").rsplit("\t", 1)
+        assert not seen.setdefault(key, set()) & set(archs.split(",")), line
+        seen[key] |= set(archs.split(","))
     # the loss kernels ship everywhere
     everywhere = "\tsm_90,sm_100,sm_80,sm_86,sm_89,sm_120"
     assert any(line.startswith("_mesa_fwd_kernel\t") and everywhere in line for line in listing)
@@ -250,14 +265,24 @@ def test_audit_rejects_unknown_kernel_name():
     [
         ((9, 0), "bf16", None),
         ((9, 0), "fp16", None),
-        ((9, 0), "fp32", "float16 or bfloat16"),
-        ((8, 0), "bf16", "sm_90"),
-        ((10, 0), "bf16", "sm_90"),
-        ((12, 0), "fp16", "sm_90"),
+        ((9, 0), "fp32", None),
+        ((8, 0), "bf16", None),
+        ((8, 0), "fp32", None),
+        ((8, 7), "fp16", None),  # Jetson Orin: sm_80's table and compiler output
+        ((8, 6), "bf16", None),
+        ((8, 9), "fp32", None),
+        ((12, 0), "fp16", None),
+        ((12, 1), "bf16", None),  # GB10: sm_120's
+        ((10, 0), "bf16", "audited for sm_80, sm_86, sm_89, sm_90, sm_120 so far, got compute capability 10.0"),
+        ((11, 0), "fp32", "got compute capability 11.0"),  # Thor: sm_100's table, not audited on its own
         ((7, 5), "bf16", "compute capability >= 8.0"),
     ],
 )
 def test_attention_ships_where_audited(capability, dtype, match):
-    """On a GPU the attention kernels run where their tiles are audited; elsewhere auto takes PyTorch."""
+    """On a GPU the attention kernels run where the audit keeps their v2 tiles spill-free; elsewhere auto
+    takes PyTorch and backend="triton" says why."""
     reason = configs.unshipped_reason(*capability, dtype)
     assert reason is None if match is None else match in reason
+    assert set(configs.SHIPPED_ARCHS) == set(configs.GPU_TABLES) - {configs.BLACKWELL}
+    assert configs.SHIPPED_DTYPES == ("fp16", "bf16", "fp32")
+    assert configs.audited_arch(8, 6) == 86 and configs.audited_arch(8, 7) == 80 and configs.audited_arch(12, 1) == 120
