@@ -182,6 +182,7 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
         BLACKWELL,
         GPU_TABLES,
         HOPPER,
+        SHIPPED_ARCHS,
     )
     from ._attention_plan import SMALL, chunk_constexprs
     from ._audit_registry import AuditConfig, signature_of
@@ -190,6 +191,8 @@ def AUDIT_CONFIGS():  # noqa: N802 (name fixed by radio_kernels._audit_registry)
     kernels = {"fwd": attn_varlen_fwd_kernel, "dq": attn_varlen_bwd_dq_kernel, "dkdv": attn_varlen_bwd_dkdv_kernel}
     out = []
     for arch, table in GPU_TABLES.items():
+        if arch not in SHIPPED_ARCHS:
+            continue  # not launched there (see _attention_configs.SHIPPED_ARCHS)
         for dtype in AUDIT_DTYPES:
             es = 4 if dtype == "fp32" else 2
             ptrs = {name: ("fp32" if name in ("LSE", "DELTA") else dtype) for name in
