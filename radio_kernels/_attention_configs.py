@@ -4,8 +4,8 @@ Four GPU tables ship, picked by ``table_for_capability`` from the compute capabi
 CUDA device (the target Triton compiles for):
 
     HOPPER_TABLE     sm_90 (H100 / H200): 227 KB of shared memory per block; audited for sm_90
-    BLACKWELL_TABLE  sm_100 (B200): the Hopper tiles where sm_100's compiler keeps them spill-free;
-                     audited for sm_100; also given to sm_103 (B300) and sm_110 (Thor), unaudited
+    BLACKWELL_TABLE  sm_100 (B200): the Hopper tiles where sm_100's compiler kept v1 spill-free; not
+                     re-audited for v2, so not shipped (see SHIPPED_ARCHS); also sm_103 / sm_110
     AMPERE_TABLE     sm_80 (A100) and sm_87 (Jetson Orin) (163 KB; audited for sm_80)
     CONSUMER_TABLE   sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) and sm_120 / sm_121 (RTX 50xx,
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
@@ -349,10 +349,10 @@ def unsupported_capability(major: int, minor: int) -> str | None:
     return None
 
 
-# Where the v2 kernels (head-dim chunks, window-aligned tiles, folded prefix, per-window backward, TMA)
-# ship: the architectures and dtypes whose tiles the audit keeps spill-free (the windowed forward
-# excepted, see bench/results/audit_attention_v2_retune_2026-12-01.txt). Elsewhere ``backend="auto"``
-# runs the PyTorch path.
+# Where the v2 kernels (head-dim chunks, window-aligned tiles, one-launch windowed forward, per-window
+# backward, TMA) ship: the architectures and dtypes whose tiles the audit keeps spill-free (log:
+# bench/results/audit_attention_v2_2026-12-01.txt); the audit compiles only these. Elsewhere
+# ``backend="auto"`` runs the PyTorch path.
 SHIPPED_ARCHS = (HOPPER, AMPERE, CONSUMER, CONSUMER_ADA, CONSUMER_BLACKWELL)
 SHIPPED_DTYPES = ("fp16", "bf16", "fp32")
 

@@ -50,7 +50,7 @@ def window_forward_rows(launch: plan.Launch, n: int, n_prefix: int):
 
 
 @pytest.mark.parametrize("table", ["HOPPER_TABLE", "AMPERE_TABLE", "CONSUMER_TABLE", "INTERPRET_TABLE"])
-@given(P=st.integers(0, 40), T=st.integers(0, 300), windows=st.integers(0, 5),
+@given(P=st.integers(0, 40), T=st.integers(0, 1100), windows=st.integers(0, 5),
        D=st.sampled_from([16, 64, 72, 80, 96, 128]), es=st.sampled_from([2, 4]))  # fmt: skip
 def test_every_row_is_owned_once_and_tiles_stay_in_one_window(table, P, T, windows, D, es):
     table = getattr(configs, table)
