@@ -184,8 +184,7 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
         (2, 16): {("dq", False): Tile(128, 32, 4, 3)},  # v2: 8 warps stop at 64 registers, spill 4 B on sm_86 / 89
         (2, 32): {("fwd", False): Tile(128, 32, 8, 3)},
         (2, 64): {("fwd_prefix", False): Tile(16, 64, 4, 3)},
-        (2, 128): {
-            ("fwd", True): Tile(64, 32, 4, 3),
+        (2, 128): {  # the narrow forward's tile: _WINDOW_FORWARD
             ("dq", False): Tile(128, 32, 8, 2),
             # v2 dK/dV: 64 x 32 spills 12-56 B at D = 72 / 96 (windowed) on sm_120 / sm_89, 64 x 16 on
             # sm_86 (D = 96 / 128) or sm_120 (D = 72), 32 x 32 at D = 96 on sm_120.
@@ -205,9 +204,7 @@ def _consumer_tiles(bd: int, es: int) -> dict[tuple[str, bool], Tile]:
             ("dkdv", False): Tile(32, 32, 4, 3),
             ("dkdv", True): Tile(32, 32, 4, 3),
         },
-        (4, 128): {
-            ("fwd", False): Tile(32, 32, 4, 2),
-            ("fwd", True): Tile(64, 32, 8, 2),
+        (4, 128): {  # the forward's tiles: _WINDOW_FORWARD
             # v2 dQ: 64 x 16 spills 8-24 B at D = 80 / 96 on sm_120 (4 or 8 warps), 32 x 16 and 16 x 32 at
             # D = 96 / 72; 16 x 16 on 8 warps does not.
             ("dq", False): Tile(16, 16, 8, 2),
