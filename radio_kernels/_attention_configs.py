@@ -1,6 +1,6 @@
 """Tile shapes of the attention kernels, per GPU architecture, launch, head-dim block and dtype width.
 
-Four GPU tables ship, picked by ``table_for_capability`` from the compute capability of the current
+Four GPU tables exist, picked by ``table_for_capability`` from the compute capability of the current
 CUDA device (the target Triton compiles for):
 
     HOPPER_TABLE     sm_90 (H100 / H200): 227 KB of shared memory per block; audited for sm_90
@@ -11,23 +11,25 @@ CUDA device (the target Triton compiles for):
                      GB10): 99 KB of shared memory per block; audited for sm_86, sm_89 and sm_120
 
 The v2 kernels ship where their tiles are re-audited (``SHIPPED_ARCHS``: sm_80, sm_86, sm_89, sm_90 and
-sm_120, fp16 / bf16 / fp32); the sm_100 table is partly re-tuned, so B200-class GPUs run the PyTorch
-path until it is.
+sm_120, fp16 / bf16 / fp32); the sm_100 table is not re-tuned yet (33 of its 374 configurations spill),
+so B200-class GPUs run the PyTorch path until it is.
 GPUs before sm_80 (T4, V100: 64-96 KB, no bf16 tensor cores) get no table: ``unsupported_capability``
 says why, and ``backend="auto"`` falls back to PyTorch there. Under the Triton interpreter one small
 table is pinned (``INTERPRET_TABLE``): tiles of 16-32 so that tests with N ~ 100 cross many block and
 window boundaries.
 
-Every GPU entry is compiled by the static audit (``python -m radio_kernels.audit``) for the
-architecture it ships to (``AUDIT_CONFIGS`` below): no register spills, shared memory within the
+Every entry of a shipped table is compiled by the static audit (``python -m radio_kernels.audit``) for
+the architectures it ships to (``AUDIT_CONFIGS`` below): no register spills, shared memory within the
 per-block limit (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 / sm_120), and HGMMA (wgmma)
 in the sm_90 SASS of the 16-bit fwd / dq / dkdv tiles of 64+ rows.
 
 Launches (``rows`` = what a program owns, ``cols`` = what its inner loop walks):
 
     fwd / dq            rows = queries, cols = keys; global, or the patch queries of windowed mode
-    fwd_prefix / dq_prefix   the P prefix queries of windowed mode, which see all N keys:
-                        few rows, so a 16-row tile and a long inner loop
+                        (the windowed forward's 16-row tails and prefix programs ride in its launch)
+    fwd_prefix          the combine of the windowed forward's prefix queries (16 rows)
+    dq_prefix           the P prefix queries of windowed mode, which see all N keys:
+                        few rows, so a 16-row tile and a long inner loop; also 16-row window tails
     dkdv                rows = keys, cols = queries
     dkdv_prefix         the prefix keys, seen by all N queries
     delta               rowsum(dO * O), no inner loop
